@@ -1,0 +1,144 @@
+"""The method registry: name -> optimizer builder, step function, hyperparameters,
+default search space and paper reference.
+
+A method is a base optimizer plus optional pieces (a gradient estimator, a
+gradient transform, a step transform); each published combination is one
+record here. ``register_method`` adds user methods the same way. Every record
+declares its hyperparameters (``HParam``) and its default search ranges (data
+from ``regtune.space``); ``resolve_config`` merges loop, task and method
+defaults with a user config and rejects unknown keys and out-of-range values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from regtune.space import ConfigError, Domain, HParam, LogUniform, domain_values_ok, suggest, validate_config
+from regtune.step import StepFn, standard_step
+from regtune.tasks.base import Task, get_task
+
+Builder = Callable[[nn.Module, Mapping[str, Any]], tuple[torch.optim.Optimizer, str]]
+
+CPR_PAPER = "Franke et al., Constrained Parameter Regularization, NeurIPS 2024, arXiv:2311.09058"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Builder
+    hparams: tuple[HParam, ...]
+    space: Mapping[str, Domain]
+    doc: str
+    paper: str
+    family: str
+    step: StepFn = standard_step
+    check: Callable[[Mapping[str, Any]], None] | None = None  # cross-field validation
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def hparam_map(self) -> dict[str, HParam]:
+        return {h.name: h for h in self.hparams}
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} registered twice")
+    hp = method.hparam_map
+    for key, domain in method.space.items():
+        if key not in hp:
+            raise ValueError(f"method {method.name!r}: search space key {key!r} is not a hyperparameter")
+        domain_values_ok(domain, hp[key])
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _load_builtin()
+    if name not in _METHODS:
+        raise ConfigError(
+            f"unknown method {name!r}{suggest(name, _METHODS)}; known methods: {', '.join(sorted(_METHODS))}"
+        )
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    _load_builtin()
+    return sorted(_METHODS)
+
+
+def _load_builtin() -> None:
+    import regtune.families  # noqa: F401  (registers the built-in methods)
+
+
+# --------------------------------------------------------------------------
+# loop hyperparameters: shared by every method and task
+LOOP_HPARAMS: tuple[HParam, ...] = (
+    HParam("task", None, "task name (see `python -m studies tasks`)", kind=str),
+    HParam("size", "paper", "task size preset (paper, smoke ...)", kind=str),
+    HParam("seed", 0, "seed of torch / numpy / random and of the data order", kind=int, low=0),
+    HParam("steps", 1000, "optimizer steps of the run (the ASHA budget)", kind=int, low=1),
+    HParam("eval_every", 100, "report (and checkpoint) every this many steps", kind=int, low=1),
+    HParam("lr_schedule", "constant", "learning-rate schedule", kind=str, choices=("constant", "warmup_cosine")),
+    HParam("warmup_steps", 0, "linear warmup steps of warmup_cosine", kind=int, low=0),
+    HParam("lr_min_ratio", 0.0, "cosine floor as a share of the peak lr", low=0.0, high=1.0),
+    HParam("max_grad_norm", None, "clip the global gradient norm (null: off)", low=0.0, low_open=True, nullable=True),
+    HParam("device", "auto", "auto: CUDA when the trial has a GPU, else CPU", kind=str, choices=("auto", "cpu", "cuda")),
+    HParam("fail_at_step", None, "fault injection: the process dies once at this step", kind=int, low=1, nullable=True),
+)
+
+
+def resolve_config(method_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge defaults (loop <- task <- size preset <- task's per-method) with ``config``.
+
+    Raises ``ConfigError`` naming the key, the value and what is allowed.
+    """
+    method = get_method(method_name)
+    if "task" not in config:
+        raise ConfigError(f"missing key 'task' for method {method_name!r}")
+    task: Task = get_task(config["task"])
+    size = config.get("size", "paper")
+    if size not in task.sizes:
+        raise ConfigError(
+            f"size={size!r} is not allowed for task {task.name!r}: expected one of {', '.join(task.sizes)}"
+        )
+    # a method may re-declare a task key (e.g. batch_size) with its own range
+    hparams = {**{h.name: h for h in LOOP_HPARAMS}, **task.hparam_map, **method.hparam_map}
+    where = f"method {method_name!r} on task {task.name!r}"
+    validate_config(config, hparams, where)  # unknown keys / bad values of the user's own config
+    layered: dict[str, Any] = {}
+    for defaults in (
+        task.loop_defaults,
+        task.sizes[size],
+        task.method_defaults.get("*", {}),
+        task.method_defaults.get(method.name, {}),
+    ):
+        layered.update({k: v for k, v in defaults.items() if k in hparams})
+    layered.update(config)
+    resolved = validate_config(layered, hparams, where)
+    if method.check is not None:
+        method.check(resolved)
+    return resolved
+
+
+# --------------------------------------------------------------------------
+# shared hyperparameter declarations (one name, one meaning)
+def lr_hp(default: float) -> HParam:
+    return HParam("lr", default, "peak learning rate", low=0.0, low_open=True)
+
+
+BETAS = HParam("betas", (0.9, 0.999), "Adam's (beta1, beta2)", kind=tuple, low=0.0, high=1.0, high_open=True)
+EPS = HParam("eps", 1e-8, "Adam's epsilon", low=0.0, low_open=True)
+WEIGHT_DECAY = HParam("weight_decay", 0.0, "decoupled weight decay on regularized tensors", low=0.0)
+REG_EMBEDDING = HParam("regularize_embedding", False, "regularize nn.Embedding weights too", kind=bool)
+ADAM_LR_SPACE = LogUniform(1e-4, 1e-2)
+
+
+def _adam_kwargs(c: Mapping[str, Any]) -> dict[str, Any]:
+    return {"lr": c["lr"], "betas": tuple(c["betas"]), "eps": c["eps"]}

@@ -1,0 +1,73 @@
+"""The training step.
+
+A step function takes a ``StepContext`` and the step's batch, leaves the
+gradients it wants in ``p.grad``, calls the optimizer, and returns the step's
+training metrics (floats). Methods pick their step function in the registry;
+``standard_step`` serves every method whose optimizer needs one forward and one
+backward (AdamW, AdamCPR, Adam + rescaling, SGD) and those that re-evaluate the
+loss through a closure (``optimizer.needs_closure = True``, e.g. SAM).
+
+Optimizer hooks the standard step honours:
+
+* ``optimizer.needs_closure``: pass a closure that recomputes loss and grads.
+* ``optimizer.pre_step(ctx, batch)``: called before the gradient is computed
+  (IRE refreshes its mask there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from regtune.tasks.base import TaskInstance, accuracy
+
+
+@dataclass
+class StepContext:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    task: TaskInstance
+    config: dict[str, Any]
+    device: torch.device
+    step: int = 0  # 0-based index of the step being taken
+    generator: torch.Generator | None = None  # method randomness (sampled labels ...)
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific inputs
+
+
+StepFn = Callable[[StepContext, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]
+
+
+def clip_gradients(ctx: StepContext) -> None:
+    max_norm = ctx.config.get("max_grad_norm")
+    if max_norm:
+        nn.utils.clip_grad_norm_(ctx.model.parameters(), max_norm)
+
+
+def standard_step(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    inputs, targets = batch
+    opt = ctx.optimizer
+    pre_step = getattr(opt, "pre_step", None)
+    if pre_step is not None:
+        pre_step(ctx, batch)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = ctx.task.criterion(ctx.task.forward(ctx.model, inputs), targets)
+            loss.backward()
+        clip_gradients(ctx)
+        return loss
+
+    opt.zero_grad(set_to_none=True)
+    logits = ctx.task.forward(ctx.model, inputs)
+    loss = ctx.task.criterion(logits, targets)
+    loss.backward()
+    clip_gradients(ctx)
+    if getattr(opt, "needs_closure", False):
+        opt.step(closure)
+    else:
+        opt.step()
+    return {"train/loss": float(loss.detach()), "train/accuracy": accuracy(logits.detach(), targets)}
