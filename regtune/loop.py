@@ -108,8 +108,9 @@ class Run:
         return out
 
     def train_steps(self, n: int) -> dict[str, float]:
-        """Take up to ``n`` steps; return the mean of each step metric."""
+        """Take up to ``n`` steps; return the mean of each step metric over the steps that reported it."""
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         done = 0
         t0 = time.perf_counter()
         self.model.train()
@@ -124,8 +125,9 @@ class Run:
                 break
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
         self.train_seconds += time.perf_counter() - t0
-        return {k: v / max(done, 1) for k, v in sums.items()}
+        return {k: v / counts[k] for k, v in sums.items()}
 
     def evaluate(self) -> dict[str, float]:
         out = self.task.evaluate(self.model, "val")

@@ -118,6 +118,8 @@ def resolve_config(method_name: str, config: Mapping[str, Any]) -> dict[str, Any
         task.sizes[size],
         task.method_defaults.get("*", {}),
         task.method_defaults.get(method.name, {}),
+        task.size_method_defaults.get(size, {}).get("*", {}),
+        task.size_method_defaults.get(size, {}).get(method.name, {}),
     ):
         layered.update({k: v for k, v in defaults.items() if k in hparams})
     layered.update(config)

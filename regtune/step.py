@@ -46,6 +46,14 @@ def clip_gradients(ctx: StepContext) -> None:
         nn.utils.clip_grad_norm_(ctx.model.parameters(), max_norm)
 
 
+def global_grad_norm(model: nn.Module) -> float:
+    """L2 norm of all parameter gradients together (0 when there are none)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+
 def standard_step(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
     inputs, targets = batch
     opt = ctx.optimizer
@@ -65,9 +73,11 @@ def standard_step(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]) ->
     logits = ctx.task.forward(ctx.model, inputs)
     loss = ctx.task.criterion(logits, targets)
     loss.backward()
+    full_norm = global_grad_norm(ctx.model)  # before clipping; exter_graft's reference reads it from sgd runs
     clip_gradients(ctx)
     if getattr(opt, "needs_closure", False):
         opt.step(closure)
     else:
         opt.step()
-    return {"train/loss": float(loss.detach()), "train/accuracy": accuracy(logits.detach(), targets)}
+    return {"train/loss": float(loss.detach()), "train/accuracy": accuracy(logits.detach(), targets),
+            "grad/full_norm": full_norm}

@@ -65,6 +65,11 @@ class Task:
     splits: tuple[str, ...] = ("val",)
     metric: str = "val/accuracy"
     mode: str = "max"
+    # size preset -> method name (or "*") -> defaults, applied after method_defaults
+    # (e.g. the smoke preset's smaller batch sizes, which differ between methods)
+    size_method_defaults: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
+    # what one trial of this task asks the scheduler for, e.g. {"cpu": 2, "gpu": 0.25}
+    resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
 
     @property
     def hparam_map(self) -> dict[str, HParam]:

@@ -1,0 +1,190 @@
+"""ImageNet (or any image-classification folder) in torchvision's ImageFolder layout.
+
+Russakovsky et al., "ImageNet Large Scale Visual Recognition Challenge", IJCV
+2015. Layout: ``<root>/train/<class>/<image>`` and ``<root>/val/<class>/<image>``
+(JPEG, PNG ... anything ``torchvision.datasets.folder`` reads), as produced by
+the usual ImageNet preparation scripts. ``root``: the ``data_dir`` argument,
+else ``$REGTUNE_DATA_DIR/imagenet``, else ``~/.cache/regtune/data/imagenet``.
+Nothing is downloaded; a missing folder is an error that names it.
+
+Training batches are a pure function of ``(seed, step)``: the step-th chunk of
+a stream of per-epoch permutations, each image augmented (random-resized crop +
+horizontal flip, torchvision's standard ImageNet recipe) under a torch seed
+derived from ``(seed, step, position)``. Loading runs in DataLoader worker
+processes; a resumed run restarts the stream at its step.
+
+``write_fake_imagenet`` writes a tiny folder in the same layout (smooth
+per-class colour patterns + noise; PNG and JPEG files) for smoke studies and tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from regtune.data.cifar import mix_seed, resolve_data_dir
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class ImageFolderMissing(FileNotFoundError):
+    """The ImageNet folder (or its train / val split) is not there."""
+
+
+def resolve_imagenet_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir`` itself, else ``<regtune data dir>/imagenet``."""
+    return Path(data_dir).expanduser() if data_dir else resolve_data_dir(None) / "imagenet"
+
+
+def check_image_folder(root: Path) -> None:
+    missing = [str(root / s) for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise ImageFolderMissing(
+            f"ImageNet not found in data dir {str(root)!r}: missing {', '.join(missing)}. Expected torchvision"
+            " ImageFolder layout <data_dir>/{train,val}/<class>/<image>; set data_dir or $REGTUNE_DATA_DIR"
+            " (which must then hold an 'imagenet' folder).")
+
+
+def train_transform(image_size: int):
+    from torchvision import transforms as T
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+
+
+def eval_transform(image_size: int):
+    from torchvision import transforms as T
+    resize = round(image_size * 256 / 224)  # the standard 256 -> 224 centre crop, scaled
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class SeededImages(Dataset):
+    """Items are ``(index, seed)`` keys: image ``index`` transformed under torch seed ``seed``."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+        index, seed = key
+        path, label = self.samples[index]
+        image = default_loader(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+class StepBatches:
+    """Batch sampler: the keys of steps ``start, start + 1, ...`` (endless)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(mix_seed("imagenet-order", self.seed, epoch))
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def keys(self, step: int) -> list[tuple[int, int]]:
+        out = []
+        for j, pos in enumerate(range(step * self.batch_size, (step + 1) * self.batch_size)):
+            epoch, within = divmod(pos, self.n)
+            out.append((int(self._perm(epoch)[within]), mix_seed("imagenet-augment", self.seed, step, j)))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while True:
+            yield self.keys(step)
+            step += 1
+
+
+class ImageFolderData:
+    """Train / val splits of an ImageFolder directory with deterministic, resumable batches."""
+
+    def __init__(self, data_dir: str | None, *, image_size: int, batch_size: int, eval_batch_size: int,
+                 seed: int, num_workers: int, train_limit: int | None = None, val_limit: int | None = None):
+        from torchvision.datasets import ImageFolder
+        self.root = resolve_imagenet_dir(data_dir)
+        check_image_folder(self.root)
+        train = ImageFolder(str(self.root / "train"))
+        val = ImageFolder(str(self.root / "val"))
+        if train.classes != val.classes:
+            raise ValueError(f"{self.root}: train and val have different class folders")
+        self.classes = train.classes
+        self.train_samples = _subset(train.samples, train_limit)
+        self.val_samples = _subset(val.samples, val_limit)
+        self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
+        self.seed, self.num_workers = seed, num_workers
+        self._train = SeededImages(self.train_samples, train_transform(image_size))
+        self._iter: Iterator | None = None
+        self._next_step = -1
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _loader(self, dataset: Dataset, batch_sampler) -> DataLoader:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None or step != self._next_step:
+            self._iter = None  # lets the old workers shut down
+            sampler = StepBatches(len(self.train_samples), self.batch_size, self.seed, step)
+            self._iter = iter(self._loader(self._train, sampler))
+        images, labels = next(self._iter)
+        self._next_step = step + 1
+        return images, labels
+
+    def eval_batches(self, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if split != "val":
+            raise ValueError(f"ImageNet tasks have split 'val', not {split!r}")
+        n = len(self.val_samples)
+        keys = [(i, 0) for i in range(n)]
+        batches = [keys[i:i + self.eval_batch_size] for i in range(0, n, self.eval_batch_size)]
+        yield from self._loader(SeededImages(self.val_samples, eval_transform(self.image_size)), batches)
+
+
+def _subset(samples: list[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:
+    """All samples, or ``limit`` of them evenly spaced (ImageFolder lists them class by class)."""
+    if limit is None or limit >= len(samples):
+        return list(samples)
+    idx = np.linspace(0, len(samples) - 1, limit).round().astype(int)
+    return [samples[i] for i in idx]
+
+
+def write_fake_imagenet(root: str | os.PathLike, *, num_classes: int = 4, train_per_class: int = 6,
+                        val_per_class: int = 2, size: int = 40, seed: int = 0) -> Path:
+    """Write a tiny ImageFolder dataset (``train/`` and ``val/``) under ``root``; return ``root``.
+
+    Each class is a smooth colour pattern plus noise; images alternate
+    between PNG and JPEG so both decoders are exercised.
+    """
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    root = Path(root)
+    templates = rng.randint(0, 6, size=(num_classes, 4, 4, 3)).astype(np.float32) * 40.0
+    scale = -(-size // 4)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(num_classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            base = templates[c].repeat(scale, axis=0).repeat(scale, axis=1)[:size, :size]
+            for i in range(per_class):
+                pixels = np.clip(base + rng.randint(0, 40, size=base.shape), 0, 255).astype(np.uint8)
+                ext = "png" if i % 2 == 0 else "JPEG"
+                Image.fromarray(pixels).save(folder / f"{split}_{c}_{i}.{ext}")
+    return root

@@ -1,0 +1,253 @@
+"""Micro-batch training steps of the implicit-regularization paper.
+
+Novack et al., "Disentangling the Mechanisms Behind Implicit Regularization in
+SGD", ICLR 2023, https://arxiv.org/abs/2211.15853 (METHODS.md section 2).
+
+A step takes the task's large batch of ``batch_size`` = B examples, splits it
+into K = ceil(B / m) micro-batches of ``micro_batch_size`` = m (the last one may
+be smaller), runs one forward pass per micro-batch in train mode (so BatchNorm
+uses per-micro-batch statistics, like ghost batch norm, and updates its running
+statistics K times), and forms the large-batch direction
+
+    g_B = (1/K) sum_k grad[ L_k + reg_lambda * R_k ]
+
+(R_k from ``regtune.penalties``, differentiated exactly by double backward).
+Then one step of the base optimizer (plain SGD) on a transformed gradient:
+
+=================  ======================================================
+``pseudo_gd``      g_B                               (no penalty)
+``grad_norm`` ...  g_B                               (with R_k)
+``iter_graft``     (|g_M| / |g_B|) g_B,  g_M the gradient of one random
+                   micro-batch of the same step (drawn from ctx.generator)
+``exter_graft``    (n_ref / |g_B|) g_B,  n_ref the norm a reference
+                   small-batch ``sgd`` run logged (see below)
+``ngd``            g_B / |g_B|
+=================  ======================================================
+
+External grafting contract: ``ctx.extras["reference_grad_norms"]`` holds the
+reference run's gradient norms, either a mapping ``{step: norm}`` or a sequence
+of ``(step, norm)`` pairs, where ``step`` is the 0-based optimizer step at which
+the norm was measured (or at which the averaged interval starts). At step t the
+norm used is the recorded value at the greatest recorded step <= 20 * (t // 20),
+so values are held over 20-step blocks (the seed's logging period) and a
+sparser record is held until its next entry. ``reference_norms_from_reports``
+builds it from a reference run's loop reports (metric ``grad/full_norm`` of
+``sgd``, which ``standard_step`` logs every step).
+
+Metrics each step: ``train/loss`` (mean over micro-batches of L_k),
+``train/accuracy`` (over the large batch), ``grad/micro_norm`` (mean over
+micro-batches of ||grad L_k||^2, the paper's "average micro-batch gradient
+norm"), ``grad/full_norm`` (|g_B| before any grafting), ``reg/value`` (mean
+R_k; 0 without a penalty) and, for grafting, ``grad/graft_norm`` (the norm of
+the step direction).
+
+Where we knowingly differ from the seed code: for ``fisher_trace``,
+``avg_jacobian`` and ``unit_jacobian`` the data gradient grad L_k is not a
+by-product of the step, and measuring its norm costs one more backward pass
+per micro-batch; we measure it on every ``MICRO_NORM_EVERY``-th step (the
+seed's logging period) and leave the key out on other steps (the loop averages
+each metric over the steps that report it). The seed measured it on fresh
+batches after the step; we measure it on the step's own micro-batches.
+Grafting and NGD are not in the public seed code; they follow the paper's
+definitions (grafting as in Agarwal et al., arXiv:2002.11803).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from regtune.penalties import penalty
+from regtune.step import StepContext, clip_gradients
+
+MICRO_NORM_EVERY = 20  # steps between data-gradient norm measurements for fisher / jacobian penalties
+EXTER_BLOCK = 20  # external grafting holds the reference norm over blocks of this many steps
+REFERENCE_KEY = "reference_grad_norms"
+
+TRANSFORMS = (None, "iter_graft", "exter_graft", "ngd")
+
+
+# --------------------------------------------------------------------------
+# external grafting reference
+def reference_norm(reference: Mapping[int, float] | Sequence[tuple[int, float]], step: int,
+                   block: int = EXTER_BLOCK) -> float:
+    """The reference norm used at 0-based step ``step`` (held over ``block``-step blocks)."""
+    pairs = reference.items() if isinstance(reference, Mapping) else reference
+    items = sorted((int(s), v) for s, v in pairs)  # int(): keys read back from JSON are strings
+    if not items:
+        raise ValueError(f"{REFERENCE_KEY} is empty: exter_graft needs the reference sgd run's gradient norms")
+    key = (step // block) * block
+    value = None
+    for s, v in items:
+        if s > key:
+            break
+        value = v
+    if value is None:
+        raise ValueError(
+            f"{REFERENCE_KEY} has no norm at or before step {key} (first recorded step: {items[0][0]});"
+            " the reference sgd run must record from step 0"
+        )
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{REFERENCE_KEY}[{key}] = {value!r} is not a finite non-negative norm")
+    return value
+
+
+def reference_norms_from_reports(reports: Iterable[Mapping[str, Any]],
+                                 metric: str = "grad/full_norm") -> dict[int, float]:
+    """``{interval start step: norm}`` from a reference run's loop reports.
+
+    A loop report with ``step`` = s averages its train metrics over the steps
+    since the previous report, so its value is keyed by the previous report's
+    ``step`` (0 for the first). Reports without ``metric`` (diverged) are skipped.
+    """
+    out: dict[int, float] = {}
+    start = 0
+    for report in sorted(reports, key=lambda r: r["step"]):
+        if metric in report and math.isfinite(float(report[metric])):
+            out[start] = float(report[metric])
+        start = int(report["step"])
+    return out
+
+
+def _reference_from_ctx(ctx: StepContext) -> Mapping[int, float] | Sequence[tuple[int, float]]:
+    if REFERENCE_KEY not in ctx.extras:
+        raise ValueError(
+            f"exter_graft needs ctx.extras[{REFERENCE_KEY!r}]: the per-step gradient norms (grad/full_norm) of a"
+            " reference small-batch sgd run on the same task, as {step: norm} or [(step, norm), ...]"
+        )
+    return ctx.extras[REFERENCE_KEY]
+
+
+# --------------------------------------------------------------------------
+# the step
+def _sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(list(tensors))).pow(2).sum()
+
+
+def microbatch_step(
+    ctx: StepContext,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    penalty_kind: str | None = None,
+    transform: str | None = None,
+    micro_norm_every: int = MICRO_NORM_EVERY,
+) -> dict[str, float]:
+    """One large-batch step; see the module docstring. Leaves the direction in ``p.grad``."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}")
+    if penalty_kind is not None and transform is not None:
+        raise ValueError("a penalty and a gradient transform are not combined in this paper's methods")
+    inputs, targets = batch
+    model, task, opt = ctx.model, ctx.task, ctx.optimizer
+    m = int(ctx.config["micro_batch_size"])
+    n = inputs.shape[0]
+    k_count = math.ceil(n / m)
+    lam = float(ctx.config.get("reg_lambda", 0.0)) if penalty_kind else 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    # reference first, so a missing reference fails before any work
+    ref = reference_norm(_reference_from_ctx(ctx), ctx.step) if transform == "exter_graft" else None
+    pick = int(torch.randint(k_count, (1,), generator=ctx.generator)) if transform == "iter_graft" else None
+    data_grad_free = penalty_kind in (None, "grad_norm")
+    measure = data_grad_free or ctx.step % micro_norm_every == 0
+
+    acc = [torch.zeros_like(p) for p in params]
+    loss_sum = torch.zeros((), device=inputs.device)  # on the device: no host sync per micro-batch
+    correct = torch.zeros((), device=inputs.device)
+    micro_sq: list[torch.Tensor] = []
+    reg_vals: list[torch.Tensor] = []
+    pick_sq = None
+    opt.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for k in range(k_count):
+            x, y = inputs[k * m:(k + 1) * m], targets[k * m:(k + 1) * m]
+            logits = task.forward(model, x)
+            loss = task.criterion(logits, y)
+            if penalty_kind is None:
+                g = torch.autograd.grad(loss, params, materialize_grads=True)
+                torch._foreach_add_(acc, list(g))
+                gsq = _sq(g)
+            elif penalty_kind == "grad_norm":
+                reg, g = penalty(penalty_kind, logits, loss, params, ctx.generator)
+                g_reg = torch.autograd.grad(reg, params, materialize_grads=True)  # double backward
+                torch._foreach_add_(acc, [t.detach() for t in g])
+                torch._foreach_add_(acc, list(g_reg), alpha=lam)
+                gsq = reg.detach()
+                reg_vals.append(gsq)
+            else:
+                g = torch.autograd.grad(loss, params, retain_graph=True, materialize_grads=True) if measure else None
+                reg, _ = penalty(penalty_kind, logits, loss, params, ctx.generator)
+                if g is not None:
+                    torch._foreach_add_(acc, list(g))
+                    if reg.requires_grad:  # R_k can be constant in theta (a linear model's Jacobian penalties)
+                        torch._foreach_add_(acc, list(torch.autograd.grad(reg, params, materialize_grads=True)),
+                                            alpha=lam)
+                    gsq = _sq(g)
+                else:
+                    # one traversal for both terms: the data gradient rides along the double backward
+                    torch._foreach_add_(acc, list(torch.autograd.grad(loss + lam * reg, params, materialize_grads=True)))
+                    gsq = None
+                reg_vals.append(reg.detach())
+            if gsq is not None:
+                micro_sq.append(gsq)
+            if k == pick:
+                pick_sq = gsq
+            loss_sum += loss.detach().float()
+            correct += (logits.detach().argmax(-1) == y).sum()
+            del logits, loss
+
+    torch._foreach_div_(acc, float(k_count))
+    full_norm = float(_sq(acc).sqrt())
+    metrics = {
+        "train/loss": float(loss_sum) / k_count,
+        "train/accuracy": float(correct) / max(n, 1),
+        "grad/full_norm": full_norm,
+        "reg/value": float(torch.stack(reg_vals).mean()) if reg_vals else 0.0,
+    }
+    if measure:
+        metrics["grad/micro_norm"] = float(torch.stack(micro_sq).mean())
+    if transform is not None:
+        target = {"iter_graft": float(pick_sq.sqrt()) if pick_sq is not None else 0.0,
+                  "exter_graft": ref, "ngd": 1.0}[transform]
+        scale = target / full_norm if full_norm > 0 else 0.0
+        torch._foreach_mul_(acc, scale)
+        if transform != "ngd":
+            metrics["grad/graft_norm"] = target
+    for p, g in zip(params, acc):
+        p.grad = g
+    clip_gradients(ctx)
+    opt.step()
+    return metrics
+
+
+def _named(penalty_kind: str | None, transform: str | None, name: str):
+    def step(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        return microbatch_step(ctx, batch, penalty_kind=penalty_kind, transform=transform)
+
+    step.__name__ = step.__qualname__ = f"{name}_step"
+    step.__doc__ = f"Micro-batch step of ``{name}`` (see regtune.microbatch)."
+    return step
+
+
+pseudo_gd_step = _named(None, None, "pseudo_gd")
+grad_norm_step = _named("grad_norm", None, "grad_norm")
+fisher_trace_step = _named("fisher_trace", None, "fisher_trace")
+avg_jacobian_step = _named("avg_jacobian", None, "avg_jacobian")
+unit_jacobian_step = _named("unit_jacobian", None, "unit_jacobian")
+iter_graft_step = _named(None, "iter_graft", "iter_graft")
+exter_graft_step = _named(None, "exter_graft", "exter_graft")
+ngd_step = _named(None, "ngd", "ngd")
+
+STEPS = {
+    "pseudo_gd": pseudo_gd_step,
+    "grad_norm": grad_norm_step,
+    "fisher_trace": fisher_trace_step,
+    "avg_jacobian": avg_jacobian_step,
+    "unit_jacobian": unit_jacobian_step,
+    "iter_graft": iter_graft_step,
+    "exter_graft": exter_graft_step,
+    "ngd": ngd_step,
+}

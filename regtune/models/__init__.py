@@ -1,0 +1,1 @@
+"""Model definitions shared by tasks (CIFAR ResNet-18, VGG ...)."""

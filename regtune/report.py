@@ -1,0 +1,159 @@
+"""Study report: best configurations beside the papers' published numbers, and plots.
+
+Built from ``trials.parquet`` and ``curves.parquet`` alone (see
+``regtune.results``). For each cell the best trial is the best final value of
+the cell's metric among trials that ran their full budget (if none did, among
+all trials, and the table says so). Accuracies are printed in percent, like
+the papers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(metric: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if "accuracy" in metric:
+        return f"{100 * value:.2f}"
+    return f"{value:.4g}"
+
+
+def _fmt_published(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+
+
+def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell: the best trial, with ``fidelity`` = 'full' or 'partial'."""
+    rows = []
+    for _, group in trials.groupby("cell_index", sort=True):
+        metric, mode = group["metric"].iloc[0], group["mode"].iloc[0]
+        col = f"final/{metric}"
+        ok = group[(group["status"] != "error") & group[col].notna()] if col in group else group.iloc[0:0]
+        full = ok[ok["full_budget"]]
+        pool, fidelity = (full, "full") if len(full) else (ok, "partial")
+        if pool.empty:
+            best = group.iloc[0].copy()
+            fidelity = "none"
+        else:
+            best = (pool.loc[pool[col].idxmax()] if mode == "max" else pool.loc[pool[col].idxmin()]).copy()
+        best["fidelity"] = fidelity
+        best["n_trials"] = len(group)
+        best["n_full"] = int(group["full_budget"].sum())
+        rows.append(best)
+    out = pd.DataFrame(rows).reset_index(drop=True)
+    return out.sort_values("cell_index", kind="stable").reset_index(drop=True)
+
+
+def _config_text(row: pd.Series) -> str:
+    keys = json.loads(row.get("searched", "[]") or "[]")
+    parts = []
+    for k in keys:
+        v = row.get(f"config/{k}")
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts) or "-"
+
+
+def cell_table(best: pd.DataFrame) -> str:
+    has_test = "final/test/accuracy" in best and best["final/test/accuracy"].notna().any()
+    has_thr = "steps_to_threshold" in best
+    head = ["cell", "task", "method", "trials (full)", "best config", "metric", "ours"]
+    if has_test:
+        head += ["test best", "test final"]
+    if has_thr:
+        head += [f"steps to {best['threshold'].dropna().iloc[0]}"]
+    head += ["published", "published config", "source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in best.iterrows():
+        metric = r["metric"]
+        ours = _fmt(metric, r.get(f"final/{metric}"))
+        if r["fidelity"] != "full":
+            ours += f" ({r['fidelity']} budget)"
+        cells = [r["cell"], r["task"], r["method"], f"{r['n_trials']} ({r['n_full']})", _config_text(r), metric, ours]
+        if has_test:
+            cells += [_fmt("accuracy", r.get("final/test/accuracy_best")), _fmt("accuracy", r.get("final/test/accuracy"))]
+        if has_thr:
+            s = r.get("steps_to_threshold")
+            cells += ["never" if s is None or math.isnan(s) else f"{int(s)}"]
+        pub_cfg = r.get("published/config")
+        cells += [_fmt_published(r.get("published/value")), pub_cfg if isinstance(pub_cfg, str) and pub_cfg != "{}" else "-",
+                  r.get("published/source") if isinstance(r.get("published/source"), str) else "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def pivot_table(best: pd.DataFrame) -> str:
+    """The published table's shape: rows x columns, 'ours (published)' in each cell."""
+    if "row" not in best or not best["row"].astype(bool).any():
+        return ""
+    rows = list(dict.fromkeys(best["row"]))
+    cols = list(dict.fromkeys(best["col"]))
+    lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row in rows:
+        out = [row]
+        for col in cols:
+            hit = best[(best["row"] == row) & (best["col"] == col)]
+            if hit.empty:
+                out.append("N/A")
+                continue
+            r = hit.iloc[0]
+            metric = r["published/metric"] if isinstance(r.get("published/metric"), str) else r["metric"]
+            ours = _fmt(metric, r.get(f"final/{metric}"))
+            out.append(f"{ours} ({_fmt_published(r.get('published/value'))})")
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(best: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
+    """Validation metric against step for each cell's best trial, one panel per task."""
+    tasks = list(dict.fromkeys(best["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for _, r in best[best["task"] == task].iterrows():
+            c = curves[(curves["cell"] == r["cell"]) & (curves["trial_id"] == r["trial_id"])].sort_values("step")
+            metric = r["metric"]
+            if metric in c:
+                y = c[metric] * (100 if "accuracy" in metric else 1)
+                ax.plot(c["step"], y, label=f"{r['cell']}")
+        ax.set_title(task)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(best["metric"].iloc[0] + (" (%)" if "accuracy" in best["metric"].iloc[0] else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_report(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, *, title: str, notes: str = "") -> list[Path]:
+    """Write ``report.md`` and ``curves.png`` into ``out_dir``; return their paths."""
+    if trials.empty:
+        raise ValueError("no trials to report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best = best_trials(trials)
+    png = plot_curves(best, curves, out_dir / "curves.png")
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [notes, ""]
+    pivot = pivot_table(best)
+    if pivot:
+        parts += ["## Published table: ours (published)", "", pivot, ""]
+    parts += ["## Best configuration per cell", "", cell_table(best), "",
+              "Accuracies in percent. 'ours' is the final value of the cell's metric for the best trial"
+              " that ran the full budget.", "", f"![validation curves]({png.name})", ""]
+    md = out_dir / "report.md"
+    md.write_text("\n".join(parts))
+    return [md, png]

@@ -1,0 +1,148 @@
+"""CIFAR tasks of the IRE paper: WRN-28-10, ResNet-56 (Table 1) and ViT-T / ViT-S (Table 3).
+
+Wang et al., "Improving Generalization and Convergence by Enhancing Implicit
+Regularization", NeurIPS 2024, https://arxiv.org/abs/2405.20763 (METHODS.md
+section 3). Tasks: ``cifar10_wrn28_10``, ``cifar100_wrn28_10``,
+``cifar10_resnet56``, ``cifar100_resnet56``, ``cifar100_vit_t``,
+``cifar100_vit_s``.
+
+Data: the CIFAR pipeline of ``regtune.data.cifar`` / ``regtune.tasks.cifar``
+(first 40000 training images train, last 10000 validate and pick the best
+checkpoint, the official test set is reported for the last and the best
+checkpoint; random crop with zero padding 4 + horizontal flip + normalization).
+
+Table 1 setup (all methods on the ResNet / WRN tasks): SGD lr 0.1, momentum
+0.9, weight decay 5e-4, batch 128, 200 epochs, cosine schedule to 0, label
+smoothing 0.1; SAM rho 0.05. 200 epochs of 40000 images at batch 128 = 62500 steps.
+
+Where we knowingly differ: the paper trains on all 50000 training images and
+reports the final test accuracy; we hold out 10000 for validation (as every
+CIFAR task here), which costs some accuracy for every method alike. ``sgd``'s
+weight decay applies to conv / linear weights only (regtune.optim.groups), not
+to BatchNorm parameters and biases.
+
+ViT tasks (Table 3; 32 px, patch 4): METHODS.md gives the architecture, not the
+optimizer recipe; the defaults here are a common ViT-on-CIFAR AdamW recipe
+(lr 1e-3, betas (0.9, 0.999), weight decay 0.05, 5 warmup epochs then cosine,
+label smoothing 0.1, batch 128, 200 epochs); ``sam`` / ``sam_ire`` use an AdamW
+base there (``sam_base=adamw``). Search or override them per study.
+
+Sizes: ``paper`` and ``smoke`` (tiny models, 256 / 128 / 128 images written by
+``regtune.data.cifar.write_fake_cifar`` into the data dir, 4 steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from regtune.models.resnet_cifar56 import resnet56_cifar
+from regtune.models.vit import vit_cifar
+from regtune.models.wrn import wrn28_10
+from regtune.space import ConfigError, HParam
+from regtune.tasks.base import Task, register_task
+from regtune.tasks.cifar import GPU_RESOURCES, CifarInstance, data_hparams
+
+IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
+             "NeurIPS 2024, arXiv:2405.20763")
+EPOCH_STEPS = -(-40000 // 128)  # 313 steps per epoch of the 40000 training images at batch 128
+PAPER_STEPS = 200 * 40000 // 128  # 200 epochs
+
+SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
+ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05}
+ADAMW_METHODS = ("adamw", "adamw_ire", "adamcpr", "adamcpr_ire")
+CNN_LOOP = {"steps": PAPER_STEPS, "eval_every": 2 * EPOCH_STEPS, "lr_schedule": "warmup_cosine",
+            "warmup_steps": 0, "lr_min_ratio": 0.0}
+VIT_LOOP = {**CNN_LOOP, "warmup_steps": 5 * EPOCH_STEPS}
+SMOKE_DATA = {"n_train": 256, "n_val": 128, "n_test": 128, "batch_size": 16, "eval_batch_size": 128,
+              "steps": 4, "eval_every": 2}
+
+
+def _model_error(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _wrn(num_classes: int, c: Mapping[str, Any]) -> nn.Module:
+    if (c["wrn_depth"] - 4) % 6:
+        raise _model_error("wrn_depth", c["wrn_depth"], "6n + 4 (10, 16, 22, 28 ...)")
+    return wrn28_10(num_classes, depth=c["wrn_depth"], widen_factor=c["wrn_widen"], width=c["width"])
+
+
+def _resnet(num_classes: int, c: Mapping[str, Any]) -> nn.Module:
+    if (c["resnet_depth"] - 2) % 6:
+        raise _model_error("resnet_depth", c["resnet_depth"], "6n + 2 (8, 20, 32, 44, 56 ...)")
+    return resnet56_cifar(num_classes, depth=c["resnet_depth"], width=c["width"])
+
+
+def _vit(size: str):
+    def make(num_classes: int, c: Mapping[str, Any]) -> nn.Module:
+        if c["vit_dim"] % c["vit_heads"]:
+            raise _model_error("vit_dim", c["vit_dim"], f"a multiple of vit_heads={c['vit_heads']}")
+        return vit_cifar(size, num_classes, dim=c["vit_dim"], depth=c["vit_depth"], heads=c["vit_heads"])
+    return make
+
+
+WRN_HPARAMS = (
+    HParam("wrn_depth", 28, "WRN depth (6n + 4)", kind=int, low=10),
+    HParam("wrn_widen", 10, "WRN widening factor k", kind=int, low=1),
+)
+RESNET_HPARAMS = (HParam("resnet_depth", 56, "ResNet depth (6n + 2)", kind=int, low=8),)
+
+
+def vit_hparams(dim: int, heads: int) -> tuple[HParam, ...]:
+    return (
+        HParam("vit_dim", dim, "ViT width", kind=int, low=1),
+        HParam("vit_depth", 12, "ViT blocks", kind=int, low=1),
+        HParam("vit_heads", heads, "ViT attention heads (must divide vit_dim)", kind=int, low=1),
+    )
+
+
+def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: str, *, vit: bool,
+              smoke: Mapping[str, Any]) -> Task:
+    hparams = data_hparams(label_smoothing=0.1)
+    if vit:  # the channel multiplier means nothing to a ViT; its size keys are vit_*
+        hparams = tuple(h for h in hparams if h.name != "width")
+    method_defaults: dict[str, dict[str, Any]] = {m: dict(SGD_DEFAULTS) for m in SGD_METHODS}
+    if vit:
+        method_defaults.update({m: dict(ADAMW_DEFAULTS) for m in ADAMW_METHODS})
+        for m in ("sam", "sam_ire"):
+            method_defaults[m] = {**ADAMW_DEFAULTS, "sam_base": "adamw"}
+    return register_task(Task(
+        name=name,
+        build=lambda config, device, _k=kind, _m=make_model: CifarInstance(_k, _m, config, device),
+        hparams=hparams + extra,
+        doc=doc,
+        paper=IRE_PAPER,
+        sizes={"paper": {}, "smoke": {**SMOKE_DATA, **smoke}},
+        loop_defaults=dict(VIT_LOOP if vit else CNN_LOOP),
+        method_defaults=method_defaults,
+        splits=("val", "test"),
+        resources=dict(GPU_RESOURCES),
+    ))
+
+
+WRN_SMOKE = {"wrn_depth": 10, "wrn_widen": 1, "width": 0.5}
+RESNET_SMOKE = {"resnet_depth": 8, "width": 0.5}
+VIT_SMOKE = {"vit_dim": 32, "vit_depth": 2, "vit_heads": 2, "warmup_steps": 1}
+
+_register("cifar10_wrn28_10", "cifar10", _wrn, WRN_HPARAMS,
+          "CIFAR-10, WRN-28-10, SGD recipe of IRE Table 1 (200 epochs, cosine, smoothing 0.1)",
+          vit=False, smoke=WRN_SMOKE)
+_register("cifar100_wrn28_10", "cifar100", _wrn, WRN_HPARAMS,
+          "CIFAR-100, WRN-28-10, SGD recipe of IRE Table 1 (200 epochs, cosine, smoothing 0.1)",
+          vit=False, smoke=WRN_SMOKE)
+_register("cifar10_resnet56", "cifar10", _resnet, RESNET_HPARAMS,
+          "CIFAR-10, ResNet-56 (option-A shortcuts), SGD recipe of IRE Table 1",
+          vit=False, smoke=RESNET_SMOKE)
+_register("cifar100_resnet56", "cifar100", _resnet, RESNET_HPARAMS,
+          "CIFAR-100, ResNet-56 (option-A shortcuts), SGD recipe of IRE Table 1",
+          vit=False, smoke=RESNET_SMOKE)
+_register("cifar100_vit_t", "cifar100", _vit("tiny"), vit_hparams(192, 3),
+          "CIFAR-100, ViT-T (32 px, patch 4, width 192, 12 layers, 3 heads), IRE Table 3",
+          vit=True, smoke=VIT_SMOKE)
+_register("cifar100_vit_s", "cifar100", _vit("small"), vit_hparams(384, 6),
+          "CIFAR-100, ViT-S (32 px, patch 4, width 384, 12 layers, 6 heads), IRE Table 3",
+          vit=True, smoke=VIT_SMOKE)

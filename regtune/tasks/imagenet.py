@@ -1,0 +1,148 @@
+"""ImageNet tasks of the IRE paper: ``imagenet_resnet50`` (Table 2) and ``imagenet_vit_s`` (Table 4).
+
+Wang et al., "Improving Generalization and Convergence by Enhancing Implicit
+Regularization", NeurIPS 2024, https://arxiv.org/abs/2405.20763 (METHODS.md
+section 3). Data: an ImageFolder directory (``regtune.data.imagenet``;
+``data_dir`` or ``$REGTUNE_DATA_DIR/imagenet`` with ``train/`` and ``val/``);
+the validation set is the reported split (top-1 accuracy, ``val/accuracy``).
+
+Models: torchvision's ``resnet50(weights=None)``; ViT-S/16 (``regtune.models.vit``).
+
+Defaults (METHODS.md gives the published numbers, the seed README the ViT
+command): ResNet-50 SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 256, 90
+epochs, cosine; ViT-S/16 AdamW lr 1e-3, weight decay 0.05, batch 1024, 300
+epochs with 30 warmup epochs, cosine; ViT IRE from epoch 100 with rank 0.2,
+prog 2 (the seed README's command). SAM on ViT uses the AdamW base. Label
+smoothing 0.1 for both. Where we knowingly differ: the ResNet-50 recipe and
+the ViT augmentation (RandAugment, mixup ... in DeiT-style code) are not given in
+METHODS.md; we use torchvision's plain random-resized crop + flip.
+
+Sizes: ``paper`` and ``smoke`` (32 px images from a tiny generated folder,
+narrow ViT, 3 steps, no worker processes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from regtune.data.imagenet import ImageFolderData
+from regtune.models.vit import vit_s16
+from regtune.space import ConfigError, HParam
+from regtune.tasks.base import Task, evaluate_batches, register_task
+
+IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
+             "NeurIPS 2024, arXiv:2405.20763")
+TRAIN_IMAGES = 1_281_167
+GPU_RESOURCES = {"cpu": 8, "gpu": 1}
+
+
+class ImageNetInstance:
+    def __init__(self, make_model, config: Mapping[str, Any], device: torch.device):
+        self.data = ImageFolderData(
+            config["data_dir"], image_size=config["image_size"], batch_size=config["batch_size"],
+            eval_batch_size=config["eval_batch_size"], seed=config["seed"], num_workers=config["num_workers"],
+            train_limit=config["train_limit"], val_limit=config["val_limit"])
+        self.device = device
+        self.num_classes = self.data.num_classes
+        self.label_smoothing = config["label_smoothing"]
+        self.model = make_model(self.num_classes, config).to(device)
+
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.train_batch(step)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return model(inputs)
+
+    def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        batches = ((x.to(self.device), y.to(self.device)) for x, y in self.data.eval_batches(split))
+        return evaluate_batches(self, model, batches, split)
+
+
+def _resnet50(num_classes: int, c: Mapping[str, Any]) -> nn.Module:
+    return torchvision.models.resnet50(weights=None, num_classes=num_classes)
+
+
+def _vit(num_classes: int, c: Mapping[str, Any]) -> nn.Module:
+    if c["image_size"] % 16:
+        raise ConfigError(f"image_size={c['image_size']!r} is not allowed: expected a multiple of 16 (patch 16)")
+    if c["vit_dim"] % c["vit_heads"]:
+        raise ConfigError(f"vit_dim={c['vit_dim']!r} is not allowed: expected a multiple of vit_heads")
+    return vit_s16(num_classes, image_size=c["image_size"], dim=c["vit_dim"], depth=c["vit_depth"],
+                   heads=c["vit_heads"])
+
+
+def data_hparams(batch_size: int) -> tuple[HParam, ...]:
+    return (
+        HParam("data_dir", None, "ImageFolder root with train/ and val/ (null: $REGTUNE_DATA_DIR/imagenet)",
+               kind=str, nullable=True),
+        HParam("image_size", 224, "training / evaluation crop size in pixels", kind=int, low=16),
+        HParam("batch_size", batch_size, "training batch size", kind=int, low=1),
+        HParam("eval_batch_size", 250, "evaluation batch size", kind=int, low=1),
+        HParam("num_workers", 8, "DataLoader worker processes (0: load in the training process)", kind=int, low=0),
+        HParam("train_limit", None, "use this many training images, evenly spaced (null: all)", kind=int, low=1,
+               nullable=True),
+        HParam("val_limit", None, "use this many validation images, evenly spaced (null: all)", kind=int, low=1,
+               nullable=True),
+        HParam("label_smoothing", 0.1, "label smoothing of the cross-entropy", low=0.0, high=1.0, high_open=True),
+    )
+
+
+VIT_HPARAMS = (
+    HParam("vit_dim", 384, "ViT width", kind=int, low=1),
+    HParam("vit_depth", 12, "ViT blocks", kind=int, low=1),
+    HParam("vit_heads", 6, "ViT attention heads (must divide vit_dim)", kind=int, low=1),
+)
+SMOKE = {"image_size": 32, "batch_size": 8, "eval_batch_size": 8, "num_workers": 0, "steps": 3, "eval_every": 3}
+SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
+ADAMW_METHODS = ("adamw", "adamw_ire", "adamcpr", "adamcpr_ire", "sam", "sam_ire")
+
+
+def _epochs(n: float, batch: int) -> int:
+    return round(n * TRAIN_IMAGES / batch)
+
+
+register_task(Task(
+    name="imagenet_resnet50",
+    build=lambda config, device: ImageNetInstance(_resnet50, config, device),
+    hparams=data_hparams(256),
+    doc="ImageNet-1k, ResNet-50 (torchvision), SGD 90 epochs cosine, IRE Table 2",
+    paper=IRE_PAPER,
+    sizes={"paper": {}, "smoke": dict(SMOKE)},
+    loop_defaults={"steps": _epochs(90, 256), "eval_every": _epochs(1, 256), "lr_schedule": "warmup_cosine",
+                   "warmup_steps": 0},
+    method_defaults={m: {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4} for m in SGD_METHODS},
+    size_method_defaults={"smoke": {"*": {"ire_start": 0}}},
+    resources=dict(GPU_RESOURCES),
+))
+
+register_task(Task(
+    name="imagenet_vit_s",
+    build=lambda config, device: ImageNetInstance(_vit, config, device),
+    hparams=data_hparams(1024) + VIT_HPARAMS,
+    doc="ImageNet-1k, ViT-S/16, AdamW 300 epochs (30 warmup) cosine, IRE Table 4",
+    paper=IRE_PAPER,
+    sizes={"paper": {}, "smoke": {**SMOKE, "vit_dim": 32, "vit_depth": 2, "vit_heads": 2, "warmup_steps": 1}},
+    loop_defaults={"steps": _epochs(300, 1024), "eval_every": _epochs(1, 1024), "lr_schedule": "warmup_cosine",
+                   "warmup_steps": _epochs(30, 1024)},
+    method_defaults={
+        **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05} for m in ADAMW_METHODS},
+        **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "sam_base": "adamw"}
+           for m in ("sam", "sam_ire")},
+        **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "ire_rank": 0.2, "ire_prog": 2.0,
+               "ire_start": _epochs(100, 1024)} for m in ("adamw_ire", "adamcpr_ire")},
+        "sam_ire": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "sam_base": "adamw",
+                    "ire_rank": 0.2, "ire_prog": 2.0, "ire_start": _epochs(100, 1024)},
+    },
+    size_method_defaults={"smoke": {"*": {"ire_start": 0}}},
+    resources=dict(GPU_RESOURCES),
+))

@@ -1,0 +1,112 @@
+"""Command line: ``python -m studies list | run NAME | report NAME | methods | tasks``.
+
+Bad input (unknown study, method, task or scale, a misspelled hyperparameter,
+an out-of-range value) prints one line naming the key, the value and what is
+allowed, and exits with status 2 before Ray starts or anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from regtune.space import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies", description="regtune hyperparameter studies")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the study catalog with scales")
+    sub.add_parser("methods", help="registered methods and their hyperparameters")
+    sub.add_parser("tasks", help="registered tasks")
+    for name in ("run", "report"):
+        s = sub.add_parser(name, help=f"{name} a study")
+        s.add_argument("study")
+        s.add_argument("--scale", default=None, help="budget preset (default: the study's default scale)")
+        s.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
+                       help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
+        if name == "run":
+            s.add_argument("--num-samples", type=int, default=None, help="trials per cell")
+            s.add_argument("--max-concurrent", type=int, default=None, help="concurrent trials per cell")
+            s.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite in the study dir)")
+            s.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or local Ray)")
+            s.add_argument("--seed", type=int, default=0, help="seed of the searcher, the scheduler and the trials")
+    return p
+
+
+def _positive(name: str, value, low: int) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{name}={value!r} is not allowed: expected an integer >= {low}")
+
+
+def cmd_list() -> None:
+    from studies import get_study, study_names
+
+    for name in study_names():
+        st = get_study(name)
+        print(f"{name:24s} {st.doc}")
+        for scale, sc in st.scales.items():
+            mark = "*" if scale == st.default_scale else " "
+            print(f"  {mark} --scale {scale:8s} {sc.num_samples:3d} trials/cell  {sc.doc}")
+
+
+def cmd_methods() -> None:
+    from regtune.methods import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        print(f"{name:16s} {m.doc}  [{m.paper}]")
+        for h in m.hparams:
+            print(f"    {h.name:22s} default {h.default!r:14s} {h.doc}; {h.allowed()}")
+
+
+def cmd_tasks() -> None:
+    from regtune.tasks import get_task, task_names
+
+    for name in task_names():
+        t = get_task(name)
+        print(f"{name:26s} {t.doc} (sizes: {', '.join(t.sizes)}; metric {t.metric})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            cmd_list()
+            return 0
+        if args.command == "methods":
+            cmd_methods()
+            return 0
+        if args.command == "tasks":
+            cmd_tasks()
+            return 0
+        from studies import get_study
+        from studies.driver import make_report, run_study, study_dir
+        from studies.spec import check_study
+
+        study = get_study(args.study)
+        scale = args.scale or study.default_scale
+        check_study(study, scale)
+        if args.command == "report":
+            sdir = study_dir(args.storage, study, scale)
+            for path in make_report(study, scale, sdir):
+                print(path)
+            return 0
+        _positive("--num-samples", args.num_samples, 1)
+        _positive("--max-concurrent", args.max_concurrent, 1)
+        _positive("--seed", args.seed, 0)
+        run_study(study, scale, storage=args.storage, num_samples=args.num_samples,
+                  max_concurrent=args.max_concurrent, mlflow_uri=args.mlflow_uri, address=args.address,
+                  seed=args.seed)
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

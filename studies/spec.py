@@ -1,0 +1,141 @@
+"""Declarative study specs: a study is a table.
+
+A ``Study`` lists its ``Cell``s (task x method, each one Tune experiment
+searched by Optuna and scheduled by ASHA), its ``Scale`` presets (``paper``,
+``smoke`` ...), and the published numbers the report prints beside ours.
+Search spaces are ``regtune.space`` domains (or fixed values) that narrow the
+method's defaults; a cell may never invent keys (checked by ``check_study``
+before Ray starts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from regtune.methods import get_method, resolve_config
+from regtune.space import Choice, ConfigError, Domain, IntUniform, LogUniform, Uniform, suggest
+from regtune.tasks.base import get_task
+
+
+@dataclass(frozen=True)
+class Published:
+    value: float
+    source: str  # e.g. "seed README, main table" or "CPR paper Fig. 3"
+    metric: str = "test/accuracy"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (task, method) experiment of a study.
+
+    ``space``: hyperparameter -> domain (searched) or value (fixed), merged over
+    the method's default space. ``points``: configs Optuna evaluates first (the
+    published setting). ``row``/``col``: where the cell sits in the report
+    table. ``needs``: names of earlier cells whose stored results this cell
+    reads (e.g. ``exter_graft`` reads the ``sgd`` cell's gradient norms).
+    """
+
+    name: str
+    task: str
+    method: str
+    space: Mapping[str, Any] = field(default_factory=dict)
+    points: tuple[Mapping[str, Any], ...] = ()
+    published: Mapping[str, Published] = field(default_factory=dict)
+    published_config: Mapping[str, Any] = field(default_factory=dict)
+    row: str = ""
+    col: str = ""
+    needs: tuple[str, ...] = ()
+    use_default_space: bool = True
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A budget preset. ``fixed`` is merged into every cell's config (``size``, ``steps`` ...)."""
+
+    num_samples: int
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    max_concurrent: int | None = None  # default: what the cluster's CPUs allow
+    grace_fraction: float = 1 / 16
+    reduction_factor: int = 3
+    max_failures: int = 2
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    doc: str
+    paper: str
+    cells: tuple[Cell, ...]
+    scales: Mapping[str, Scale]
+    default_scale: str = "paper"
+    threshold: tuple[str, float] | None = None  # report "steps to metric >= value"
+    report_metrics: tuple[str, ...] = ("val/accuracy",)
+    prepare: Callable[[Path, str], Mapping[str, Any]] | None = None  # (study dir, scale) -> extra fixed config
+    resources: Callable[[str, str], Mapping[str, float]] | None = None  # (task, scale) -> {"cpu":..,"gpu":..}
+    notes: str = ""
+
+    def cell(self, name: str) -> Cell:
+        for c in self.cells:
+            if c.name == name:
+                return c
+        raise ConfigError(f"unknown cell {name!r} in study {self.name!r}{suggest(name, [c.name for c in self.cells])}")
+
+
+def cell_space(cell: Cell) -> dict[str, Any]:
+    """The cell's search space: the method's defaults overridden by the cell's entries."""
+    base = dict(get_method(cell.method).space) if cell.use_default_space else {}
+    base.update(cell.space)
+    return base
+
+
+def sample_point(space: Mapping[str, Any]) -> dict[str, Any]:
+    """Two corner configs of a space (low and high end), to validate ranges offline."""
+    low, high = {}, {}
+    for k, v in space.items():
+        if isinstance(v, (LogUniform, Uniform, IntUniform)):
+            low[k], high[k] = v.low, v.high
+        elif isinstance(v, Choice):
+            low[k], high[k] = v.values[0], v.values[-1]
+        else:
+            low[k] = high[k] = v
+    return low, high
+
+
+def cell_configs(study: Study, cell: Cell, scale: str, extra: Mapping[str, Any] | None = None):
+    """(fixed config, search space) of a cell at a scale; values not yet validated."""
+    sc = study.scales[scale]
+    space = cell_space(cell)
+    fixed = {"task": cell.task, **sc.fixed, **(extra or {})}
+    searched = {k: v for k, v in space.items() if isinstance(v, (LogUniform, Uniform, IntUniform, Choice))}
+    fixed.update({k: v for k, v in space.items() if k not in searched})
+    return fixed, searched
+
+
+def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = None) -> None:
+    """Validate every cell at ``scale`` (keys, ranges, points) without starting anything."""
+    if scale not in study.scales:
+        raise ConfigError(
+            f"--scale {scale!r} is not allowed for study {study.name!r}: expected one of {', '.join(study.scales)}"
+        )
+    names = [c.name for c in study.cells]
+    if len(set(names)) != len(names):
+        raise ValueError(f"study {study.name!r} has duplicate cell names")
+    for cell in study.cells:
+        get_task(cell.task)
+        get_method(cell.method)
+        for need in cell.needs:
+            if need not in names[: names.index(cell.name)]:
+                raise ValueError(f"cell {cell.name!r} needs {need!r}, which must be an earlier cell")
+        fixed, searched = cell_configs(study, cell, scale, overrides)
+        for corner in sample_point(searched):
+            resolve_config(cell.method, {**fixed, **corner})
+        for point in cell.points:
+            resolve_config(cell.method, {**fixed, **point})
+
+
+def published_domain(value: float, factor: float = 10.0) -> Domain:
+    """A log-uniform range centred (in log space) on a published value."""
+    return LogUniform(value / factor, value * factor)

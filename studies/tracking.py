@@ -1,0 +1,121 @@
+"""MLflow tracking of a study: one parent run per study run, every trial nested.
+
+All MLflow calls of the driver live here. Trials are logged by Ray's
+``MLflowLoggerCallback`` on the driver (one writer, so an embedded sqlite store
+is safe). Two things Ray's callback does not do, done here:
+
+* nesting: every trial run carries ``mlflow.parentRunId`` = the study run;
+* no duplicates on resume: the callback forgets its runs when a study is
+  restored, so ``NestedMLflowCallback`` first looks the trial up by its
+  ``trial_id`` tag under the parent and continues that run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+PARENT_FILE = "mlflow_parent.json"
+
+
+def default_tracking_uri(study_dir: Path) -> str:
+    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri} in a browser"
+
+
+class StudyTracker:
+    """The study's MLflow experiment and parent run (reused when a study resumes)."""
+
+    def __init__(self, uri: str, experiment: str, study_dir: Path, tags: dict[str, str]):
+        self.uri = uri
+        self.experiment_name = experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.parent_id = self._parent_run(Path(study_dir), tags)
+
+    def _parent_run(self, study_dir: Path, tags: dict[str, str]) -> str:
+        marker = study_dir / PARENT_FILE
+        if marker.exists():
+            known = json.loads(marker.read_text())
+            run_id = known.get(self.uri)
+            if run_id:
+                try:
+                    self.client.get_run(run_id)
+                    self.client.update_run(run_id, status="RUNNING")
+                    return run_id
+                except Exception:  # store was replaced: start a new parent
+                    pass
+        else:
+            known = {}
+        run = self.client.create_run(self.experiment_id, run_name=tags.get("study_run", "study"), tags=tags)
+        known[self.uri] = run.info.run_id
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, marker)
+        return run.info.run_id
+
+    def callback(self, cell: str, tags: dict[str, str]) -> "NestedMLflowCallback":
+        return NestedMLflowCallback(
+            tracking_uri=self.uri,
+            experiment_name=self.experiment_name,
+            tags={"mlflow.parentRunId": self.parent_id, "cell": cell, **tags},
+        )
+
+    def log_artifacts(self, paths: list[Path], artifact_path: str = "report") -> None:
+        for p in paths:
+            self.client.log_artifact(self.parent_id, str(p), artifact_path=artifact_path)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for k, v in params.items():
+            try:
+                self.client.log_param(self.parent_id, k, v)
+            except Exception:  # same key logged by an earlier (resumed) run with another value
+                self.client.set_tag(self.parent_id, f"param.{k}", str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_id, status=status)
+
+    def runs(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'", max_results=10000
+        )
+
+
+class NestedMLflowCallback(MLflowLoggerCallback):
+    """Ray's MLflow callback with nested runs and at most one run per trial."""
+
+    def log_trial_start(self, trial) -> None:
+        if trial not in self._trial_runs:
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            found = client.search_runs(
+                [self.mlflow_util.experiment_id],
+                filter_string=(
+                    f"tags.trial_id = '{trial.trial_id}' and "
+                    f"tags.`mlflow.parentRunId` = '{self.tags['mlflow.parentRunId']}'"
+                ),
+                max_results=1,
+            )
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+                self._trial_runs[trial] = run_id
+            else:
+                tags = {**self.tags, "trial_id": trial.trial_id, "trial_name": str(trial)}
+                run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
+                self._trial_runs[trial] = run.info.run_id
+        self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=_loggable(trial.config))
+
+
+def _loggable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("__")}

@@ -1,0 +1,105 @@
+"""Ray Tune function trainables, one per registered method.
+
+``trainables.get("adamcpr")`` returns a Tune function trainable;
+``trainables.space("adamcpr")`` returns the method's default search space as
+``ray.tune`` domains. A search of one's own is three lines::
+
+    from ray import tune
+    import trainables
+    tune.Tuner(trainables.get("adamcpr"),
+               param_space={**trainables.space("adamcpr"), "task": "grokking",
+                            "lr": tune.loguniform(1e-4, 1e-2)},
+               tune_config=tune.TuneConfig(metric="val/accuracy", mode="max", num_samples=8)).fit()
+
+Every trainable: validates its config (unknown keys and bad values raise
+before any training), seeds torch/numpy/random from ``seed``, trains with
+``regtune.loop.Run``, reports ``step``, ``train/loss``, ``train/accuracy``,
+``val/loss``, ``val/accuracy`` (and method extras) every ``eval_every`` steps
+with a checkpoint, resumes from ``tune.get_checkpoint()``, and ends with a
+finite sentinel report when the loss diverges.
+
+Config keys starting with ``__`` are inputs from the study driver, not
+hyperparameters (``__extras``: method inputs such as reference gradient norms).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from ray import tune
+
+from regtune.loop import Run
+from regtune.methods import get_method
+from regtune.space import Choice, Domain, IntUniform, LogUniform, Uniform
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def to_tune(domain: Domain | Any) -> Any:
+    """A ``regtune.space`` domain as a ``ray.tune`` domain (fixed values pass through)."""
+    if isinstance(domain, LogUniform):
+        return tune.loguniform(domain.low, domain.high)
+    if isinstance(domain, Uniform):
+        return tune.uniform(domain.low, domain.high)
+    if isinstance(domain, IntUniform):
+        return (tune.lograndint if domain.log else tune.randint)(domain.low, domain.high + 1)
+    if isinstance(domain, Choice):
+        return tune.choice(list(domain.values))
+    return domain
+
+
+def space(method: str) -> dict[str, Any]:
+    """The method's default search space as ``ray.tune`` domains."""
+    return {k: to_tune(v) for k, v in get_method(method).space.items()}
+
+
+def _threads() -> int:
+    try:
+        cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    except Exception:  # outside a Tune session
+        cpus = 1
+    return max(1, int(cpus))
+
+
+def _maybe_die(run: Run, marker_dir: str) -> None:
+    """Fault injection for tests: die once (the whole process) at ``fail_at_step``."""
+    k = run.config.get("fail_at_step")
+    marker = Path(marker_dir) / ".fail_at_step_done"
+    if k is not None and run.step >= k and not marker.exists():
+        marker.touch()
+        os._exit(17)
+
+
+def run_trial(method: str, config: Mapping[str, Any]) -> None:
+    torch.set_num_threads(_threads())
+    extras = config.get("__extras") or {}
+    hparams = {k: v for k, v in config.items() if not k.startswith("__")}
+    run = Run(method, hparams, log=print)
+    run.ctx.extras.update(extras)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            run.load_state_dict(torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True))
+        print(f"[{method}] resumed at step {run.step}")
+    trial_dir = tune.get_context().get_trial_dir()
+    for report in run.reports():
+        report["train/seconds"] = run.train_seconds
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(run.state_dict(), Path(d) / CHECKPOINT_FILE)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+        _maybe_die(run, trial_dir)
+
+
+def get(method: str) -> Callable[[dict], None]:
+    """The Tune function trainable of ``method`` (named after it in Tune's tables)."""
+    get_method(method)  # unknown name -> ConfigError now, not inside a trial
+
+    def trainable(config: dict) -> None:
+        run_trial(method, config)
+
+    trainable.__name__ = trainable.__qualname__ = method
+    return trainable
