@@ -120,10 +120,19 @@ def _trial_dirname(trial) -> str:
 
 
 def _resources(study: Study, cell: Cell, scale: str) -> dict[str, float]:
+    """The trial's request, fitted to the cluster: no GPU asked where there is none
+    (the same study runs on a CPU laptop), never more CPUs than the cluster has."""
+    import ray
+
     if study.resources is not None:
-        return dict(study.resources(cell.task, scale))
-    task_res = getattr(get_task(cell.task), "resources", None)
-    return dict(task_res) if task_res else {"cpu": 1}
+        res = dict(study.resources(cell.task, scale))
+    else:
+        res = dict(get_task(cell.task).resources)
+    total = ray.cluster_resources()
+    res["cpu"] = max(1, min(int(res.get("cpu", 1)), int(total.get("CPU", 1))))
+    if not total.get("GPU"):
+        res["gpu"] = 0
+    return res
 
 
 def run_cell(
