@@ -13,9 +13,10 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import pandas as pd
 
-import matplotlib
+from regtune.report_speedup import add_speedups
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -67,8 +68,11 @@ def _config_text(row: pd.Series) -> str:
 
 def cell_table(best: pd.DataFrame) -> str:
     has_test = "final/test/accuracy" in best and best["final/test/accuracy"].notna().any()
+    has_ppl = "final/val/perplexity" in best and best["final/val/perplexity"].notna().any()  # language tasks
     has_thr = "steps_to_threshold" in best
     head = ["cell", "task", "method", "trials (full)", "best config", "metric", "ours"]
+    if has_ppl:
+        head += ["val/perplexity"]
     if has_test:
         head += ["test best", "test final"]
     if has_thr:
@@ -81,6 +85,8 @@ def cell_table(best: pd.DataFrame) -> str:
         if r["fidelity"] != "full":
             ours += f" ({r['fidelity']} budget)"
         cells = [r["cell"], r["task"], r["method"], f"{r['n_trials']} ({r['n_full']})", _config_text(r), metric, ours]
+        if has_ppl:
+            cells += [_fmt("val/perplexity", r.get("final/val/perplexity"))]
         if has_test:
             cells += [_fmt("accuracy", r.get("final/test/accuracy_best")), _fmt("accuracy", r.get("final/test/accuracy"))]
         if has_thr:
@@ -101,6 +107,60 @@ def pivot_table(best: pd.DataFrame) -> str:
     cols = list(dict.fromkeys(best["col"]))
     lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in rows:
+        for row_metric in _row_metrics(best[best["row"] == row]):  # [None]: one line, the cell's own metric
+            out = [row if row_metric is None else f"{row} ({_metric_label(row_metric)})"]
+            for col in cols:
+                hit = best[(best["row"] == row) & (best["col"] == col)]
+                if hit.empty:
+                    out.append("N/A")
+                    continue
+                r = hit.iloc[0]
+                if row_metric is None:
+                    metric = r["published/metric"] if isinstance(r.get("published/metric"), str) else r["metric"]
+                    published = r.get("published/value")
+                else:
+                    metric, published = row_metric, _published_values(r).get(row_metric)
+                ours = _fmt(metric, r.get(f"final/{metric}"))
+                out.append(f"{ours} ({_fmt_published(published)})")
+            lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def _published_values(r: pd.Series) -> dict[str, float]:
+    """Every published value of a cell, metric -> value (the ``published/values`` JSON column)."""
+    raw = r.get("published/values")
+    return json.loads(raw) if isinstance(raw, str) and raw else {}
+
+
+def _row_metrics(group: pd.DataFrame) -> list[str | None]:
+    """The published metrics of a table row when its cells publish more than one (e.g. the test accuracy of the
+    best-validation and of the last checkpoint: one line each), else [None]."""
+    metrics: list[str] = []
+    for _, r in group.iterrows():
+        metrics += [m for m in _published_values(r) if m not in metrics]
+    return list(metrics) if len(metrics) > 1 else [None]
+
+
+def _metric_label(metric: str) -> str:
+    if metric.endswith("_best"):
+        return "best"
+    return "final" if metric.startswith("test/") else metric
+
+
+def _value_text(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def pivot_config_table(best: pd.DataFrame) -> str:
+    """The published table's shape with the searched hyperparameters: 'key=best found (published)' per cell."""
+    if "row" not in best or not best["row"].astype(bool).any() or "published/config" not in best:
+        return ""
+    rows = list(dict.fromkeys(best["row"]))
+    cols = list(dict.fromkeys(best["col"]))
+    lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row in rows:
         out = [row]
         for col in cols:
             hit = best[(best["row"] == row) & (best["col"] == col)]
@@ -108,9 +168,11 @@ def pivot_table(best: pd.DataFrame) -> str:
                 out.append("N/A")
                 continue
             r = hit.iloc[0]
-            metric = r["published/metric"] if isinstance(r.get("published/metric"), str) else r["metric"]
-            ours = _fmt(metric, r.get(f"final/{metric}"))
-            out.append(f"{ours} ({_fmt_published(r.get('published/value'))})")
+            raw = r.get("published/config")
+            published = json.loads(raw) if isinstance(raw, str) and raw else {}
+            keys = json.loads(r.get("searched", "[]") or "[]")
+            parts = [f"{k}={_value_text(r.get(f'config/{k}'))} ({_value_text(published.get(k))})" for k in keys]
+            out.append(", ".join(parts) or "-")
         lines.append("| " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -144,6 +206,7 @@ def build_report(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, *, t
         raise ValueError("no trials to report")
     out_dir.mkdir(parents=True, exist_ok=True)
     best = best_trials(trials)
+    best, speedup_md = add_speedups(best, curves)  # "" unless a cell names a speedup_baseline
     png = plot_curves(best, curves, out_dir / "curves.png")
     parts = [f"# {title}", ""]
     if notes:
@@ -151,6 +214,11 @@ def build_report(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, *, t
     pivot = pivot_table(best)
     if pivot:
         parts += ["## Published table: ours (published)", "", pivot, ""]
+        config_pivot = pivot_config_table(best)
+        if config_pivot:
+            parts += ["## Hyperparameters: best found (published)", "", config_pivot, ""]
+    if speedup_md:
+        parts += [speedup_md]
     parts += ["## Best configuration per cell", "", cell_table(best), "",
               "Accuracies in percent. 'ours' is the final value of the cell's metric for the best trial"
               " that ran the full budget.", "", f"![validation curves]({png.name})", ""]

@@ -8,6 +8,7 @@ allowed, and exits with status 2 before Ray starts or anything is written.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -32,7 +33,38 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite in the study dir)")
             s.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS or local Ray)")
             s.add_argument("--seed", type=int, default=0, help="seed of the searcher, the scheduler and the trials")
+            s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="fix a hyperparameter in every cell (repeatable; VALUE is JSON or a string)")
+    t = sub.add_parser("trial", help="train one config in this process, without Ray (for debugging a method)")
+    t.add_argument("method")
+    t.add_argument("--task", required=True)
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a hyperparameter (repeatable; VALUE is JSON or a string)")
     return p
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["lr=1e-3", "kappa_init_method=warm_start", "betas=[0.9,0.98]"]`` -> a dict (JSON values, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r} is not allowed: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_trial(method: str, task: str, overrides: dict) -> None:
+    from regtune.loop import Run
+
+    run = Run(method, {"task": task, **overrides}, log=print)
+    print(f"[{method}] on {task}: " + ", ".join(f"{k}={v}" for k, v in sorted(run.config.items())))
+    for r in run.reports():
+        shown = {k: v for k, v in r.items() if k.startswith(("train/", "val/", "test/")) or k == "diverged"}
+        print(f"step {r['step']:>7d}  " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
 
 
 def _positive(name: str, value, low: int) -> None:
@@ -81,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tasks":
             cmd_tasks()
             return 0
+        if args.command == "trial":
+            cmd_trial(args.method, args.task, parse_overrides(args.overrides))
+            return 0
         from studies import get_study
         from studies.driver import make_report, run_study, study_dir
         from studies.spec import check_study
 
         study = get_study(args.study)
         scale = args.scale or study.default_scale
-        check_study(study, scale)
+        overrides = parse_overrides(getattr(args, "overrides", []))
+        check_study(study, scale, overrides)
         if args.command == "report":
             sdir = study_dir(args.storage, study, scale)
             for path in make_report(study, scale, sdir):
@@ -98,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         _positive("--seed", args.seed, 0)
         run_study(study, scale, storage=args.storage, num_samples=args.num_samples,
                   max_concurrent=args.max_concurrent, mlflow_uri=args.mlflow_uri, address=args.address,
-                  seed=args.seed)
+                  seed=args.seed, overrides=overrides)
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

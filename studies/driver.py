@@ -71,10 +71,12 @@ def collect_cell(study: Study, scale: str, cell: Cell, exp_dir: Path, budget: in
             "study": study.name, "scale": scale, "cell": cell.name, "cell_index": study.cells.index(cell), "task": cell.task, "method": cell.method,
             "trial_id": trial_id, "budget": budget, "metric": task.metric, "mode": task.mode,
             "row": cell.row, "col": cell.col, "searched": json.dumps(searched),
+            "speedup_baseline": cell.speedup_baseline,
             "published/value": pub.value if pub else math.nan,
             "published/source": pub.source if pub else None,
             "published/metric": pub.metric if pub else None,
             "published/config": json.dumps(dict(cell.published_config)) if cell.published_config else None,
+            "published/values": json.dumps({m: p.value for m, p in cell.published.items()}) if cell.published else None,
         }
         last_step = int(reports[-1]["step"])
         errored = any((tdir / f).exists() for f in ("error.txt", "error.pkl")) and last_step < budget \
@@ -138,6 +140,7 @@ def _resources(study: Study, cell: Cell, scale: str) -> dict[str, float]:
 def run_cell(
     study: Study, scale: str, cell: Cell, index: int, sdir: Path, tracker, *,
     extra: Mapping[str, Any], num_samples: int, max_concurrent: int, seed: int, log: Callable[[str], None],
+    overrides: Mapping[str, Any] | None = None,
 ) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -151,7 +154,7 @@ def run_cell(
         return
     sc = study.scales[scale]
     task = get_task(cell.task)
-    fixed, searched = cell_configs(study, cell, scale, extra)
+    fixed, searched = cell_configs(study, cell, scale, extra, overrides)
     fixed.setdefault("seed", seed)
     fixed["__extras"] = {"study_dir": str(sdir), "cell": cell.name, "needs": list(cell.needs)}
     budget = int(fixed.get("steps", task.loop_defaults.get("steps", 1000)))
@@ -166,7 +169,10 @@ def run_cell(
         grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
         scheduler = ASHAScheduler(time_attr="step", max_t=budget, grace_period=min(grace, budget),
                                   reduction_factor=sc.reduction_factor)
-        points = [dict(p) for p in cell.points if set(p) <= set(searched)]
+        # a point keeps its searched keys (a key fixed at this scale or by --set is left out);
+        # OptunaSearch needs every searched key in a point
+        points = [q for q in ({k: v for k, v in p.items() if k in searched} for p in cell.points)
+                  if q and set(q) == set(searched)]
         search = OptunaSearch(seed=seed + index, points_to_evaluate=points or None)
         tuner = tune.Tuner(
             trainable,
@@ -202,12 +208,13 @@ def run_study(
     mlflow_uri: str | None = None,
     address: str | None = None,
     seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run (or resume) every cell of ``study`` at ``scale``; export Parquet; write the report."""
     from studies.tracking import StudyTracker, default_tracking_uri, ui_command
 
-    check_study(study, scale)  # every key and range, before anything is started or written
+    check_study(study, scale, overrides)  # every key and range, before anything is started or written
     sc = study.scales[scale]
     sdir = study_dir(storage, study, scale)
     sdir.mkdir(parents=True, exist_ok=True)
@@ -226,11 +233,11 @@ def run_study(
     plans = []
     try:
         for i, cell in enumerate(study.cells):
-            fixed, searched = cell_configs(study, cell, scale, extra)
+            fixed, searched = cell_configs(study, cell, scale, extra, overrides)
             budget = int(fixed.get("steps", get_task(cell.task).loop_defaults.get("steps", 1000)))
             plans.append((cell, budget, sorted(searched)))
             run_cell(study, scale, cell, i, sdir, tracker, extra=extra, num_samples=n,
-                     max_concurrent=conc, seed=seed, log=log)
+                     max_concurrent=conc, seed=seed, log=log, overrides=overrides)
             export(study, scale, sdir, plans)
         paths = make_report(study, scale, sdir)
         tracker.log_artifacts([*paths, sdir / "trials.parquet", sdir / "curves.parquet"])

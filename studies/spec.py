@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from regtune.methods import get_method, resolve_config
+from regtune.methods import LOOP_HPARAMS, get_method, resolve_config
 from regtune.space import Choice, ConfigError, Domain, IntUniform, LogUniform, Uniform, suggest
 from regtune.tasks.base import get_task
 
@@ -35,6 +35,9 @@ class Cell:
     published setting). ``row``/``col``: where the cell sits in the report
     table. ``needs``: names of earlier cells whose stored results this cell
     reads (e.g. ``exter_graft`` reads the ``sgd`` cell's gradient norms).
+    ``speedup_baseline``: a cell of the same task; the report gives the step at
+    which this cell's best trial reaches that cell's final validation loss, and
+    the ratio (the IRE paper's speed-up).
     """
 
     name: str
@@ -48,14 +51,21 @@ class Cell:
     col: str = ""
     needs: tuple[str, ...] = ()
     use_default_space: bool = True
+    speedup_baseline: str = ""
 
 
 @dataclass(frozen=True)
 class Scale:
-    """A budget preset. ``fixed`` is merged into every cell's config (``size``, ``steps`` ...)."""
+    """A budget preset. ``fixed`` is merged into every cell's config (``size``, ``steps`` ...).
+
+    ``space``: cell name -> search-space entries (domains or values) that replace
+    the cell's at this scale, e.g. a range counted in steps that must shrink with
+    a smoke budget.
+    """
 
     num_samples: int
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    space: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     max_concurrent: int | None = None  # default: what the cluster's CPUs allow
     grace_fraction: float = 1 / 16
     reduction_factor: int = 3
@@ -104,14 +114,36 @@ def sample_point(space: Mapping[str, Any]) -> dict[str, Any]:
     return low, high
 
 
-def cell_configs(study: Study, cell: Cell, scale: str, extra: Mapping[str, Any] | None = None):
-    """(fixed config, search space) of a cell at a scale; values not yet validated."""
+def cell_configs(
+    study: Study,
+    cell: Cell,
+    scale: str,
+    extra: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+):
+    """(fixed config, search space) of a cell at a scale; values not yet validated.
+
+    ``extra``: fixed values from the study's ``prepare`` hook (data dirs ...).
+    ``overrides``: the user's ``--set key=value``; they win over everything and
+    fix a searched key.
+    """
     sc = study.scales[scale]
     space = cell_space(cell)
+    space.update(sc.space.get(cell.name, {}))
     fixed = {"task": cell.task, **sc.fixed, **(extra or {})}
     searched = {k: v for k, v in space.items() if isinstance(v, (LogUniform, Uniform, IntUniform, Choice))}
     fixed.update({k: v for k, v in space.items() if k not in searched})
+    known = cell_keys(cell)
+    for k, v in (overrides or {}).items():
+        if k in known:  # a method-specific key applies to the cells whose method has it
+            fixed[k] = v
+            searched.pop(k, None)
     return fixed, searched
+
+
+def cell_keys(cell: Cell) -> set[str]:
+    """Every hyperparameter a cell's config may hold (loop, task and method keys)."""
+    return {h.name for h in LOOP_HPARAMS} | set(get_task(cell.task).hparam_map) | set(get_method(cell.method).hparam_map)
 
 
 def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = None) -> None:
@@ -120,16 +152,28 @@ def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = 
         raise ConfigError(
             f"--scale {scale!r} is not allowed for study {study.name!r}: expected one of {', '.join(study.scales)}"
         )
+    known = set().union(*(cell_keys(c) for c in study.cells))
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown hyperparameter {key!r}={value!r} for study {study.name!r}{suggest(key, known)};"
+                f" allowed keys: {', '.join(sorted(known))}"
+            )
     names = [c.name for c in study.cells]
     if len(set(names)) != len(names):
         raise ValueError(f"study {study.name!r} has duplicate cell names")
+    for name in study.scales[scale].space:
+        study.cell(name)  # a scale's space override names a cell of the study
     for cell in study.cells:
         get_task(cell.task)
         get_method(cell.method)
         for need in cell.needs:
             if need not in names[: names.index(cell.name)]:
                 raise ValueError(f"cell {cell.name!r} needs {need!r}, which must be an earlier cell")
-        fixed, searched = cell_configs(study, cell, scale, overrides)
+        base = cell.speedup_baseline
+        if base and (base not in names or study.cell(base).task != cell.task):
+            raise ValueError(f"cell {cell.name!r}: speedup_baseline {base!r} must be a cell of task {cell.task!r}")
+        fixed, searched = cell_configs(study, cell, scale, overrides=overrides)
         for corner in sample_point(searched):
             resolve_config(cell.method, {**fixed, **corner})
         for point in cell.points:

@@ -34,6 +34,7 @@ from ray import tune
 
 from regtune.loop import Run
 from regtune.methods import get_method
+from regtune.reference import step_inputs
 from regtune.space import Choice, Domain, IntUniform, LogUniform, Uniform
 
 CHECKPOINT_FILE = "state.pt"
@@ -65,6 +66,22 @@ def _threads() -> int:
     return max(1, int(cpus))
 
 
+def _trial_resources() -> dict[str, float] | None:
+    """The running trial's resources (``{"CPU": 2.0, "GPU": 0.25}``); None outside a Tune session."""
+    try:
+        return dict(tune.get_context().get_trial_resources().required_resources)
+    except Exception:  # outside a Tune session
+        return None
+
+
+def trial_device(requested: str, gpus: float, cuda_available: bool) -> tuple[str, float | None]:
+    """(device, GPU memory fraction) of a trial given ``gpus`` GPUs: ``auto`` means CUDA when the trial
+    was given a GPU (and CUDA works), else the CPU. A fractional GPU caps the trial's share of GPU memory."""
+    device = ("cuda" if gpus > 0 and cuda_available else "cpu") if requested == "auto" else requested
+    fraction = float(gpus) if device == "cuda" and 0 < gpus < 1 else None
+    return device, fraction
+
+
 def _maybe_die(run: Run, marker_dir: str) -> None:
     """Fault injection for tests: die once (the whole process) at ``fail_at_step``."""
     k = run.config.get("fail_at_step")
@@ -78,8 +95,16 @@ def run_trial(method: str, config: Mapping[str, Any]) -> None:
     torch.set_num_threads(_threads())
     extras = config.get("__extras") or {}
     hparams = {k: v for k, v in config.items() if not k.startswith("__")}
+    resources = _trial_resources()
+    if resources is not None:  # in a Tune trial: the device follows the trial's resources
+        device, fraction = trial_device(hparams.get("device", "auto"), resources.get("GPU", 0.0),
+                                        torch.cuda.is_available())
+        hparams["device"] = device
+        if fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction)
     run = Run(method, hparams, log=print)
     run.ctx.extras.update(extras)
+    run.ctx.extras.update(step_inputs(method, extras))  # e.g. exter_graft's reference norms from earlier cells
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:

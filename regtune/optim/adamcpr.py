@@ -171,7 +171,8 @@ class AdamCPR(torch.optim.Adam):
             lagmuls = [states[i]["cpr_lagmul"] for i in active]
             kappas = [states[i]["cpr_kappa"] for i in active]
             if self.reg_function == "l2":
-                r = [p.square().sum() for p in ps]
+                r = torch._foreach_norm(ps)  # one read of W; R = ||W||^2
+                torch._foreach_mul_(r, r)
             else:
                 r = [p.std() for p in ps]
             violation = torch._foreach_sub(r, kappas)
@@ -179,7 +180,10 @@ class AdamCPR(torch.optim.Adam):
             torch._foreach_add_(lagmuls, violation)
             torch._foreach_clamp_min_(lagmuls, 0.0)
             if self.reg_function == "l2":
-                torch._foreach_addcmul_(ps, ps, lagmuls, value=-2.0)
+                # W <- (1 - 2 lambda) W: one read and one write of W
+                factors = torch._foreach_mul(lagmuls, -2.0)
+                torch._foreach_add_(factors, 1.0)
+                torch._foreach_mul_(ps, factors)
             else:
                 grads = [(p - p.mean()) / ((p.numel() - 1) * sd) for p, sd in zip(ps, r)]
                 torch._foreach_addcmul_(ps, grads, lagmuls, value=-1.0)

@@ -27,15 +27,21 @@ optimizer recipe; the defaults here are a common ViT-on-CIFAR AdamW recipe
 label smoothing 0.1, batch 128, 200 epochs); ``sam`` / ``sam_ire`` use an AdamW
 base there (``sam_base=adamw``). Search or override them per study.
 
+On CUDA the forward runs under bf16 autocast (``autocast_bf16``, default on;
+BatchNorm and the loss stay in float32); on the CPU it is plain float32.
+
 Sizes: ``paper`` and ``smoke`` (tiny models, 256 / 128 / 128 images written by
 ``regtune.data.cifar.write_fake_cifar`` into the data dir, 4 steps).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from regtune.models.resnet_cifar56 import resnet56_cifar
@@ -59,6 +65,25 @@ CNN_LOOP = {"steps": PAPER_STEPS, "eval_every": 2 * EPOCH_STEPS, "lr_schedule": 
 VIT_LOOP = {**CNN_LOOP, "warmup_steps": 5 * EPOCH_STEPS}
 SMOKE_DATA = {"n_train": 256, "n_val": 128, "n_test": 128, "batch_size": 16, "eval_batch_size": 128,
               "steps": 4, "eval_every": 2}
+
+
+AUTOCAST = HParam("autocast_bf16", True, "bf16 autocast of the forward on CUDA (ignored on CPU)", kind=bool)
+
+
+class AutocastCifarInstance(CifarInstance):
+    """``CifarInstance`` whose forward runs under bf16 autocast on CUDA; the loss is taken in float32."""
+
+    def __init__(self, kind: str, make_model, config: Mapping[str, Any], device: torch.device):
+        super().__init__(kind, make_model, config, device)
+        self.autocast = bool(config["autocast_bf16"]) and device.type == "cuda"
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            return model(inputs)
+
+    def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
 
 def _model_error(key: str, value: Any, allowed: str) -> ConfigError:
@@ -112,8 +137,8 @@ def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: 
             method_defaults[m] = {**ADAMW_DEFAULTS, "sam_base": "adamw"}
     return register_task(Task(
         name=name,
-        build=lambda config, device, _k=kind, _m=make_model: CifarInstance(_k, _m, config, device),
-        hparams=hparams + extra,
+        build=lambda config, device, _k=kind, _m=make_model: AutocastCifarInstance(_k, _m, config, device),
+        hparams=hparams + extra + (AUTOCAST,),
         doc=doc,
         paper=IRE_PAPER,
         sizes={"paper": {}, "smoke": {**SMOKE_DATA, **smoke}},

@@ -17,12 +17,16 @@ smoothing 0.1 for both. Where we knowingly differ: the ResNet-50 recipe and
 the ViT augmentation (RandAugment, mixup ... in DeiT-style code) are not given in
 METHODS.md; we use torchvision's plain random-resized crop + flip.
 
+On CUDA the forward runs under bf16 autocast (``autocast_bf16``, default on;
+the loss stays in float32); on the CPU it is plain float32.
+
 Sizes: ``paper`` and ``smoke`` (32 px images from a tiny generated folder,
 narrow ViT, 3 steps, no worker processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +55,7 @@ class ImageNetInstance:
         self.device = device
         self.num_classes = self.data.num_classes
         self.label_smoothing = config["label_smoothing"]
+        self.autocast = bool(config["autocast_bf16"]) and device.type == "cuda"
         self.model = make_model(self.num_classes, config).to(device)
 
     def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,10 +63,12 @@ class ImageNetInstance:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        return model(inputs)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            return model(inputs)
 
     def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         batches = ((x.to(self.device), y.to(self.device)) for x, y in self.data.eval_batches(split))
@@ -94,6 +101,7 @@ def data_hparams(batch_size: int) -> tuple[HParam, ...]:
         HParam("val_limit", None, "use this many validation images, evenly spaced (null: all)", kind=int, low=1,
                nullable=True),
         HParam("label_smoothing", 0.1, "label smoothing of the cross-entropy", low=0.0, high=1.0, high_open=True),
+        HParam("autocast_bf16", True, "bf16 autocast of the forward on CUDA (ignored on CPU)", kind=bool),
     )
 
 

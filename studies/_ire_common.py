@@ -1,0 +1,120 @@
+"""Shared pieces of the IRE-paper studies and ``cpr_gpt2``: smoke-data hooks, search ranges, cell builders.
+
+IRE paper: Wang et al., "Improving Generalization and Convergence by Enhancing
+Implicit Regularization", NeurIPS 2024, https://arxiv.org/abs/2405.20763
+(METHODS.md section 3). Not a study (the module name starts with ``_``).
+
+Smoke data: each study's ``prepare`` hook writes small files in the real
+on-disk formats into ``<study dir>/data`` at the ``smoke`` scale (CIFAR
+pickles, an ImageFolder tree, token files) and returns ``{"data_dir": ...}``;
+the real loaders read them. At other scales the hooks return nothing: trials
+read ``$REGTUNE_DATA_DIR`` (CIFAR may download; ImageNet must be there; text
+corpora are tokenized once with ``python -m studies prepare CORPUS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from regtune.space import LogUniform, Uniform
+from studies.spec import Cell, Published
+
+IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
+             "NeurIPS 2024 (arXiv:2405.20763)")
+
+# default search ranges (STUDIES.md)
+SGD_LR = LogUniform(1e-3, 1.0)
+ADAM_LR = LogUniform(1e-4, 1e-2)
+WEIGHT_DECAY = LogUniform(1e-5, 1.0)
+SAM_RHO = LogUniform(0.01, 0.5)
+IRE_RANK = Uniform(0.01, 0.9)
+IRE_PROG = Uniform(0.0, 6.0)
+
+# the names the paper's tables use for our methods
+ROW_NAMES = {"sgd": "SGD", "sgd_ire": "SGD-IRE", "sam": "SAM", "sam_ire": "SAM-IRE",
+             "adamw": "AdamW", "adamw_ire": "AdamW-IRE"}
+
+PrepareHook = Callable[[Path, str], Mapping[str, Any]]
+
+
+def _data_root(study_dir: Path) -> Path:
+    root = Path(study_dir).resolve() / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cifar_prepare(*kinds: str, n_train: int = 384, n_test: int = 128) -> PrepareHook:
+    """At ``smoke``: fake CIFAR files (torchvision's pickles) for ``kinds``; 384 = the smoke split's 256 + 128."""
+    def prepare(study_dir: Path, scale: str) -> dict[str, Any]:
+        if scale != "smoke":
+            return {}
+        from regtune.data.cifar import missing_files, write_fake_cifar
+
+        root = _data_root(study_dir)
+        for i, kind in enumerate(kinds):
+            if missing_files(root, kind):
+                write_fake_cifar(root, kind, n_train=n_train, n_test=n_test, seed=i)
+        return {"data_dir": str(root)}
+    return prepare
+
+
+def imagenet_prepare() -> PrepareHook:
+    """At ``smoke``: a tiny ImageFolder tree (4 classes, 6 train / 2 val images each, PNG and JPEG)."""
+    def prepare(study_dir: Path, scale: str) -> dict[str, Any]:
+        if scale != "smoke":
+            return {}
+        from regtune.data.imagenet import write_fake_imagenet
+
+        root = _data_root(study_dir) / "imagenet"
+        if not (root / "val").is_dir():
+            write_fake_imagenet(root, num_classes=4, train_per_class=6, val_per_class=2, size=40)
+        return {"data_dir": str(root)}
+    return prepare
+
+
+def text_prepare(*corpora: str) -> PrepareHook:
+    """At ``smoke``: generated text tokenized where the text tasks' smoke size looks (``make_smoke_data``)."""
+    def prepare(study_dir: Path, scale: str) -> dict[str, Any]:
+        if scale != "smoke":
+            return {}
+        from regtune.data.synthetic_text import make_smoke_data
+
+        root = _data_root(study_dir)
+        make_smoke_data(root, corpora, train_lines=1500, val_lines=200)
+        return {"data_dir": str(root)}
+    return prepare
+
+
+def cell(
+    task: str,
+    method: str,
+    col: str,
+    *,
+    space: Mapping[str, Any],
+    point: Mapping[str, Any],
+    published: float | None = None,
+    source: str = "",
+    metric: str = "test/accuracy",
+    published_config: Mapping[str, Any] | None = None,
+    row: str | None = None,
+    speedup_baseline: str = "",
+) -> Cell:
+    """A cell named ``<task>-<method>`` in row ``ROW_NAMES[method]`` and column ``col`` of the paper's table."""
+    return Cell(
+        name=cell_name(task, method),
+        task=task,
+        method=method,
+        space=dict(space),
+        points=(dict(point),),
+        published={metric: Published(published, source, metric)} if published is not None else {},
+        published_config=dict(published_config or {}),
+        row=row or ROW_NAMES.get(method, method),
+        col=col,
+        speedup_baseline=speedup_baseline,
+    )
+
+
+def cell_name(task: str, method: str) -> str:
+    return f"{task}-{method}"

@@ -1,0 +1,43 @@
+"""Shared fixtures: running the real CLI (local Ray, a real sqlite MLflow store) and reading what it wrote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update({"PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0",
+                "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``python -m studies ARGS`` in a fresh process; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "studies", *args], cwd=cwd or ROOT, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_runs(uri: str, experiment: str):
+    """(parent runs, child runs) of an experiment in a tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {uri}"
+    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.fixture
+def cli():
+    return run_cli
