@@ -24,8 +24,9 @@ Torch-free apart from the registry lookup; reads Parquet with pandas.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 

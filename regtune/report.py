@@ -150,7 +150,9 @@ def _metric_label(metric: str) -> str:
 def _value_text(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):  # whole numbers (steps, sizes) as integers, not 1e+03
+        return str(int(v)) if v.is_integer() and abs(v) < 1e6 else f"{v:.3g}"
+    return str(v)
 
 
 def pivot_config_table(best: pd.DataFrame) -> str:

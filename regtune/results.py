@@ -7,7 +7,8 @@ The report module reads only these files, so a report can be rebuilt offline.
 steps, budget, seconds, full_budget, row, col, metric, mode`` + ``config/<key>``
 (the flattened config) + ``final/<metric>`` and ``best/<metric>`` for every
 numeric metric + ``steps_to_threshold`` + ``published/value``,
-``published/source``, ``published/metric``, ``published/config`` (JSON).
+``published/source``, ``published/metric``, ``published/config`` (JSON),
+``published/values`` (JSON: every published metric of the cell -> value).
 
 ``status``: ``completed`` (ran its whole budget), ``stopped`` (stopped early by
 the scheduler), ``diverged`` (non-finite loss), ``error`` (the trial raised).

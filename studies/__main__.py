@@ -1,4 +1,5 @@
-"""Command line: ``python -m studies list | run NAME | report NAME | methods | tasks``.
+"""Command line: ``python -m studies list | run NAME | report NAME | mlflow | methods | tasks``
+(and ``prepare CORPUS``: tokenize a text corpus once, ``regtune.data.text.prepare_main``).
 
 Bad input (unknown study, method, task or scale, a misspelled hyperparameter,
 an out-of-range value) prints one line naming the key, the value and what is
@@ -21,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the study catalog with scales")
     sub.add_parser("methods", help="registered methods and their hyperparameters")
     sub.add_parser("tasks", help="registered tasks")
+    sub.add_parser("prepare", help="tokenize a text corpus once: python -m studies prepare CORPUS [...] (-h: options)")
     for name in ("run", "report"):
         s = sub.add_parser(name, help=f"{name} a study")
         s.add_argument("study")
@@ -35,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=int, default=0, help="seed of the searcher, the scheduler and the trials")
             s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="fix a hyperparameter in every cell (repeatable; VALUE is JSON or a string)")
+    m = sub.add_parser("mlflow", help="an MLflow server over the studies' tracking stores (127.0.0.1 by default)")
+    m.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
+                   help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
+    m.add_argument("--study", default=None, help="serve this study's store (default: every store, one port each)")
+    m.add_argument("--scale", default=None, help="with --study: this scale only")
+    m.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    m.add_argument("--port", type=int, default=5000, help="port of the first server (default: 5000)")
     t = sub.add_parser("trial", help="train one config in this process, without Ray (for debugging a method)")
     t.add_argument("method")
     t.add_argument("--task", required=True)
@@ -102,6 +111,11 @@ def cmd_tasks() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare"]:  # its own parser: regtune.data.text.prepare_main (bad arguments: exit 2)
+        from regtune.data.text import prepare_main
+
+        return prepare_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
@@ -116,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "trial":
             cmd_trial(args.method, args.task, parse_overrides(args.overrides))
             return 0
+        if args.command == "mlflow":
+            from studies import get_study
+            from studies.mlflow_server import serve
+
+            if args.study:
+                get_study(args.study)  # unknown name: one line with suggestions
+            _positive("--port", args.port, 1)
+            return serve(args.storage, args.study, args.scale, host=args.host, port=args.port)
         from studies import get_study
         from studies.driver import make_report, run_study, study_dir
         from studies.spec import check_study
@@ -142,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the study's state is saved; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ Scales shared by the implicit-regularization studies:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from regtune.data.cifar import missing_files, write_fake_cifar
 from regtune.tasks.base import get_task

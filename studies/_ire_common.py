@@ -100,10 +100,12 @@ def cell(
     published_config: Mapping[str, Any] | None = None,
     row: str | None = None,
     speedup_baseline: str = "",
+    name: str | None = None,
 ) -> Cell:
-    """A cell named ``<task>-<method>`` in row ``ROW_NAMES[method]`` and column ``col`` of the paper's table."""
+    """A cell (default name ``<task>-<method>``) in row ``ROW_NAMES[method]`` and column ``col`` of the paper's
+    table; ``point`` is Optuna's first config, ``published`` the paper's value of ``metric`` from ``source``."""
     return Cell(
-        name=cell_name(task, method),
+        name=name or cell_name(task, method),
         task=task,
         method=method,
         space=dict(space),
@@ -118,3 +120,14 @@ def cell(
 
 def cell_name(task: str, method: str) -> str:
     return f"{task}-{method}"
+
+
+def resources(task: str, scale: str) -> dict[str, float]:
+    """The task's request, with one CPU (one torch thread) at ``smoke``: tiny models run fastest on one thread,
+    and two threads on a busy 2-core machine are many times slower. GPUs are asked for as the task does."""
+    from regtune.tasks.base import get_task
+
+    res = dict(get_task(task).resources)
+    if scale == "smoke":
+        res["cpu"] = 1
+    return res

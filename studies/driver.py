@@ -29,12 +29,14 @@ import numpy as np
 from regtune.report import build_report
 from regtune.results import curve_rows, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
+from studies import guard
 from studies.spec import Cell, Study, cell_configs, check_study
 
 DONE_FILE = "cell_done.json"
 
 
 def study_dir(storage: str | os.PathLike, study: Study, scale: str) -> Path:
+    guard.check_storage_value(storage)  # a directory (NFS/EFS on a cluster), not an s3:// URI
     return Path(storage).expanduser().resolve() / f"{study.name}-{scale}"
 
 
@@ -103,18 +105,20 @@ def make_report(study: Study, scale: str, sdir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------
-def _init_ray(address: str | None, log: Callable[[str], None]) -> None:
+def _init_ray(address: str | None, log: Callable[[str], None]) -> bool:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start local Ray; True when local Ray was started here."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log(f"connecting to Ray at {address}")
         ray.init(address=address, log_to_driver=True)
-    else:
-        log("starting local Ray")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        return False
+    log("starting local Ray")
+    ray.init(include_dashboard=False, log_to_driver=True)
+    return True
 
 
 def _trial_dirname(trial) -> str:
@@ -162,10 +166,15 @@ def run_cell(
     trainable = tune.with_resources(trainables.get(cell.method), _resources(study, cell, scale))
     callbacks = [tracker.callback(cell.name, {"study": study.name, "scale": scale, "method": cell.method,
                                               "task": cell.task})]
-    if tune.Tuner.can_restore(str(exp_dir)):
+    tuner = None
+    if tune.Tuner.can_restore(str(exp_dir)):  # only ever the study's own experiment dir
         log(f"[{cell.name}] resuming the interrupted experiment in {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-    else:
+        try:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        except Exception as e:  # noqa: BLE001 - e.g. killed before its first trial: start the cell again
+            log(f"[{cell.name}] cannot restore ({type(e).__name__}: {e}); starting the cell again")
+    if tuner is None:
+        guard.start_fresh(exp_dir, num_samples, tracker, cell.name, log)
         grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
         scheduler = ASHAScheduler(time_attr="step", max_t=budget, grace_period=min(grace, budget),
                                   reduction_factor=sc.reduction_factor)
@@ -180,7 +189,7 @@ def run_cell(
             tune_config=tune.TuneConfig(
                 metric=task.metric, mode=task.mode, scheduler=scheduler, search_alg=search,
                 num_samples=num_samples, max_concurrent_trials=max_concurrent,
-                trial_dirname_creator=_trial_dirname,
+                trial_dirname_creator=_trial_dirname, reuse_actors=True,  # no new process per trial
             ),
             run_config=tune.RunConfig(
                 name=cell.name,
@@ -193,9 +202,11 @@ def run_cell(
         )
     log(f"[{cell.name}] {cell.task} x {cell.method}: {num_samples} trials, budget {budget} steps, "
         f"searching {', '.join(searched) or 'nothing'}")
-    results = tuner.fit()
+    with guard.SignalWatch() as watch:  # Ctrl-C/SIGTERM: Tune saves its state and fit() returns early
+        results = tuner.fit()
+    names = guard.settle_cell(results, exp_dir, tracker, cell.name, log, interrupted=watch.hit)
     errors = [r.error for r in results if r.error is not None]
-    (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors)}))
+    (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors), "dirs": names}))
 
 
 def run_study(
@@ -217,10 +228,15 @@ def run_study(
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
     sc = study.scales[scale]
     sdir = study_dir(storage, study, scale)
-    sdir.mkdir(parents=True, exist_ok=True)
+    guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
+    lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies
+    lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind
     extra = dict(study.prepare(sdir, scale)) if study.prepare else {}
+    guard.check_data_dirs((c.name, cell_configs(study, c, scale, extra, overrides)[0]) for c in study.cells)
     np.random.seed(seed)  # ASHA's bracket draws on the driver
-    _init_ray(address, log)
+    if _init_ray(address, log):
+        lock.record(ray_session=guard.ray_session_dir())
+    guard.sigterm_as_sigint()
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -245,6 +261,8 @@ def run_study(
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
+    finally:
+        lock.release()
     log(f"\nstudy {study.name} ({scale}) done")
     log(f"  results:  {sdir / 'trials.parquet'}\n            {sdir / 'curves.parquet'}")
     log(f"  report:   {paths[0]}\n            {paths[1]}")

@@ -15,7 +15,7 @@ training images are held out for validation (best checkpoint); the report's
 
 from __future__ import annotations
 
-from studies._ire_common import IRE_PAPER, IRE_PROG, IRE_RANK, SAM_RHO, SGD_LR, cell, cifar_prepare
+from studies._ire_common import IRE_PAPER, IRE_PROG, IRE_RANK, SAM_RHO, SGD_LR, cell, cifar_prepare, resources
 from studies.spec import Scale, Study
 
 TASKS = {  # task -> the paper's column
@@ -72,6 +72,7 @@ STUDY = Study(
     },
     default_scale="paper",
     prepare=cifar_prepare("cifar10", "cifar100"),
+    resources=resources,
     notes="Published: IRE paper Table 1, test accuracy (%). IRE rank / prog of Table 1 are not published; the "
           "first trial of each IRE cell uses rank 0.2, prog 2.",
 )

@@ -41,7 +41,10 @@ class StudyTracker:
         self.experiment_name = experiment
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # an embedded sqlite store keeps its artifacts next to it (else MLflow uses ./mlruns of the cwd);
+        # a server decides itself (--artifacts-destination, proxied through the server)
+        where = (Path(study_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment, where)
         self.parent_id = self._parent_run(Path(study_dir), tags)
 
     def _parent_run(self, study_dir: Path, tags: dict[str, str]) -> str:
@@ -54,7 +57,7 @@ class StudyTracker:
                     self.client.get_run(run_id)
                     self.client.update_run(run_id, status="RUNNING")
                     return run_id
-                except Exception:  # store was replaced: start a new parent
+                except Exception:  # noqa: BLE001, S110 - store was replaced: start a new parent
                     pass
         else:
             known = {}
@@ -65,7 +68,7 @@ class StudyTracker:
         os.replace(tmp, marker)
         return run.info.run_id
 
-    def callback(self, cell: str, tags: dict[str, str]) -> "NestedMLflowCallback":
+    def callback(self, cell: str, tags: dict[str, str]) -> NestedMLflowCallback:
         return NestedMLflowCallback(
             tracking_uri=self.uri,
             experiment_name=self.experiment_name,
@@ -80,11 +83,29 @@ class StudyTracker:
         for k, v in params.items():
             try:
                 self.client.log_param(self.parent_id, k, v)
-            except Exception:  # same key logged by an earlier (resumed) run with another value
+            except Exception:  # noqa: BLE001 - same key logged by an earlier (resumed) run with another value
                 self.client.set_tag(self.parent_id, f"param.{k}", str(v))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_id, status=status)
+
+    def settle_runs(self, cell: str, statuses: dict[str, str]) -> None:
+        """Make the cell's trial runs agree with Tune after a cell ends or restarts: a run whose trial is in
+        ``statuses`` (trial_id -> FINISHED/FAILED) and still RUNNING is terminated with that status; a run of
+        a trial Tune does not own (lost in a crash before Tune saved its state) is terminated and deleted."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.cell = '{cell}'",
+            max_results=10000,
+        )
+        for run in runs:
+            status = statuses.get(run.data.tags.get("trial_id", ""))
+            if status is None:
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.delete_run(run.info.run_id)
+            elif run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status=status)
 
     def runs(self) -> list:
         return self.client.search_runs(

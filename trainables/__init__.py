@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -68,10 +69,10 @@ def _threads() -> int:
 
 def _trial_resources() -> dict[str, float] | None:
     """The running trial's resources (``{"CPU": 2.0, "GPU": 0.25}``); None outside a Tune session."""
-    try:
-        return dict(tune.get_context().get_trial_resources().required_resources)
-    except Exception:  # outside a Tune session
-        return None
+    with warnings.catch_warnings():  # outside a session Tune warns and returns None
+        warnings.simplefilter("ignore")
+        resources = tune.get_context().get_trial_resources()
+    return None if resources is None else dict(resources.required_resources)
 
 
 def trial_device(requested: str, gpus: float, cuda_available: bool) -> tuple[str, float | None]:
@@ -80,6 +81,12 @@ def trial_device(requested: str, gpus: float, cuda_available: bool) -> tuple[str
     device = ("cuda" if gpus > 0 and cuda_available else "cpu") if requested == "auto" else requested
     fraction = float(gpus) if device == "cuda" and 0 < gpus < 1 else None
     return device, fraction
+
+
+def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """A trial checkpoint's state: tensors, numbers and containers only (``weights_only=True``), so a
+    checkpoint that pickles arbitrary objects (code) is refused with ``pickle.UnpicklingError``."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
 
 
 def _maybe_die(run: Run, marker_dir: str) -> None:
@@ -108,7 +115,7 @@ def run_trial(method: str, config: Mapping[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            run.load_state_dict(torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True))
+            run.load_state_dict(load_checkpoint(d))
         print(f"[{method}] resumed at step {run.step}")
     trial_dir = tune.get_context().get_trial_dir()
     for report in run.reports():

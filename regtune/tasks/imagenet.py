@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from regtune.data.imagenet import ImageFolderData
@@ -76,6 +75,8 @@ class ImageNetInstance:
 
 
 def _resnet50(num_classes: int, c: Mapping[str, Any]) -> nn.Module:
+    import torchvision  # here, not at import: it costs every trial of every task ~1.5 s
+
     return torchvision.models.resnet50(weights=None, num_classes=num_classes)
 
 

@@ -1,0 +1,163 @@
+"""Where the wall time of a smoke study goes: training vs everything around it, on local Ray.
+
+Runs the real CLI (``python -m studies run cpr_grokking --scale smoke``, by default one trial at a time so the
+trials' training times add up to a share of the wall time) and times every output line as it arrives. The
+table splits the wall time with those timestamps and with each trial's ``result.json`` (Tune's
+``time_total_s``: the trial function's own clock) and ``trials.parquet`` (``seconds``: optimizer steps only):
+
+* CLI start: interpreter, imports, config checks, until "starting local Ray";
+* Ray start: until the first cell's log line;
+* Tuner setup per cell: from the cell's line to its first "Trial ... started";
+* trial start-up: the gap between Tune starting a trial and the trial function's clock starting (a new
+  worker process, imports, building the task) — measured as the trial's wall time in Tune minus time_total_s;
+* training: the ``seconds`` column (the figure the target is relative to);
+* in-trial evaluation, checkpoints and reports: time_total_s - seconds;
+* between trials and after the last one: Tune's bookkeeping, MLflow logging in callbacks, experiment-state
+  snapshots, Parquet export after each cell;
+* report + MLflow artifacts + shutdown: from the last trial's end to process exit.
+
+MLflow logging and checkpoint writes are also timed in isolation (the same calls, in this process) and
+multiplied by the number of reports, since they hide inside the rows above.
+
+    python benchmarks/bench_study_overhead.py [--max-concurrent 1] [--num-samples 2] [--set steps=3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTED = re.compile(r"^Trial (\S+) started with configuration")
+FINISHED = re.compile(r"^Trial (\S+) (completed|errored) after")
+CELL = re.compile(r"^\[(\w+)\] \S+ x \S+: \d+ trials")
+
+
+def run_study(storage: Path, max_concurrent: int, num_samples: int,
+              sets: list[str] = ()) -> tuple[float, list[tuple[float, str]]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "studies", "run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
+           "--max-concurrent", str(max_concurrent), "--num-samples", str(num_samples)]
+    cmd += [a for kv in sets for a in ("--set", kv)]
+    t0 = time.monotonic()
+    lines = []
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        for line in p.stdout:
+            lines.append((time.monotonic() - t0, line.rstrip("\n")))
+    wall = time.monotonic() - t0
+    if p.returncode != 0:
+        sys.exit("the study failed:\n" + "\n".join(text for _, text in lines[-40:]))
+    return wall, lines
+
+
+def first(lines, pred) -> float:
+    return next(t for t, text in lines if pred(text))
+
+
+def mlflow_cost(reports: int, trials: int) -> float:
+    """Seconds the driver's MLflow callback spends: one run per trial, one log_metrics batch per report."""
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as d:
+        client = MlflowClient(f"sqlite:///{d}/mlflow.db")
+        exp = client.create_experiment("bench", Path(d, "art").as_uri())
+        client.search_experiments()  # schema creation outside the clock
+        t0 = time.perf_counter()
+        for i in range(trials):
+            run = client.create_run(exp, tags={"trial_id": str(i)})
+            client.log_batch(run.info.run_id, params=[])
+            for s in range(reports // trials):
+                from mlflow.entities import Metric
+
+                client.log_batch(run.info.run_id, metrics=[Metric(f"m/{k}", 0.5, 0, s) for k in range(30)])
+            client.set_terminated(run.info.run_id)
+        return time.perf_counter() - t0
+
+
+def checkpoint_cost(reports: int) -> float:
+    """Seconds to write the grokking smoke model's full training state ``reports`` times (torch.save)."""
+    import torch
+
+    from regtune.loop import Run
+
+    run = Run("adamcpr", {"task": "grokking", "size": "smoke", "steps": 2, "eval_every": 1})
+    for _ in run.reports():
+        pass
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        for _ in range(reports):
+            torch.save(run.state_dict(), Path(d) / "state.pt")
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--max-concurrent", type=int, default=1)
+    ap.add_argument("--num-samples", type=int, default=2)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to `studies run`, e.g. --set steps=3000 for a longer budget")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        storage = Path(d)
+        wall, lines = run_study(storage, args.max_concurrent, args.num_samples, args.sets)
+        sdir = storage / "cpr_grokking-smoke"
+        trials = pd.read_parquet(sdir / "trials.parquet")
+        totals, reports = {}, 0
+        for f in (sdir / "tune").glob("*/*/result.json"):
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            totals[f.parent.name] = rows[-1]["time_total_s"]
+            reports += len(rows)
+    t_ray = first(lines, lambda s: s.startswith("starting local Ray"))
+    t_cell0 = first(lines, lambda s: CELL.match(s) is not None)
+    starts = {m.group(1): t for t, s in lines if (m := STARTED.match(s))}
+    ends = {m.group(1): t for t, s in lines if (m := FINISHED.match(s))}
+    cells = [(t, CELL.match(s).group(1)) for t, s in lines if CELL.match(s)]
+    setup = sum(min(starts[n] for n in starts if n.startswith(c + "_")) - t for t, c in cells)
+    in_tune = sum(ends[n] - starts[n] for n in starts if n in ends)
+    startup = sum(ends[n] - starts[n] - totals.get(n, 0.0) for n in starts if n in ends)
+    train = float(trials["seconds"].sum())
+    in_trial = sum(totals.values()) - train
+    t_done = first(lines, lambda s: "done" in s and s.startswith("study "))
+    last_end = max(ends.values())
+    tail = wall - last_end
+    between = (last_end - t_cell0) - setup - in_tune
+    if args.max_concurrent > 1:
+        between = max(0.0, between)  # overlapping trials: the sums above exceed the elapsed time
+    rows = [
+        ("CLI start (imports, checks)", t_ray),
+        ("Ray start", t_cell0 - t_ray),
+        (f"Tuner setup ({len(cells)} cells)", setup),
+        (f"trial start-up ({len(starts)} trials: worker process, imports, task build)", startup),
+        ("training (trials.parquet `seconds`)", train),
+        (f"in-trial eval + checkpoint + report ({reports} reports)", in_trial),
+        ("between trials (Tune bookkeeping, MLflow callback, state snapshots, Parquet export)", between),
+        ("Parquet/report/MLflow artifacts + Ray shutdown", tail),
+    ]
+    print(f"cpr_grokking smoke study {' '.join(args.sets)}, {len(trials)} trials, --max-concurrent {args.max_concurrent}, "
+          f"{os.cpu_count()} CPUs; wall {wall:.1f} s (report written at {t_done:.1f} s)\n")
+    print(f"{'where the wall time goes':88s} {'seconds':>8s} {'share':>6s}")
+    for name, sec in rows:
+        print(f"{name:88s} {sec:8.2f} {sec / wall:6.1%}")
+    accounted = sum(s for _, s in rows)
+    print(f"{'(sum of rows; differs from wall when trials overlap)':88s} {accounted:8.2f}")
+    print(f"\nwall / training = {wall / train:.2f}  ->  overhead {wall / train - 1:.0%} of training time "
+          f"(target < 25%)")
+    print("\ninside the rows above, timed in isolation here:")
+    print(f"  MLflow logging, sqlite store ({len(trials)} runs, {reports} metric batches): "
+          f"{mlflow_cost(reports, len(trials)):.2f} s")
+    print(f"  checkpoint writes (torch.save of the full state, {reports} times): {checkpoint_cost(reports):.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The cluster workflow on this machine, with real processes: a study submitted with ``ray job submit`` to a
+``ray start --head`` cluster with token authentication, logging to a running ``mlflow server`` (sqlite store,
+proxied artifacts), as cluster.yaml sets up the head; and ``python -m studies mlflow`` serving a study's own
+sqlite store on 127.0.0.1.
+
+The head is started with ``--block`` as a child of the test and stopped by signalling that child, never with
+``ray stop`` (which stops every Ray process of the machine, other users' included). Token auth is on: the head,
+the job client and the job's driver share ``RAY_AUTH_MODE=token`` and a ``RAY_AUTH_TOKEN`` made for the test, so
+``~/.ray/auth_token`` is neither needed nor touched; a client without the token is refused. The job server needs
+the dashboard's packages (``ray[default]``); without them the job tests skip with that reason.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from studies.guard import session_processes
+from tests.conftest import ROOT, cli_env, mlflow_runs, run_cli
+
+EXPERIMENT = "regtune/cpr_grokking"
+CELLS = {"adamw", "adam_rescale", "adamcpr"}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        ip_hex, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1]))
+    return found
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args[:3]} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # it answered (401 without a token)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+def check_study_outputs(sdir: Path, uri: str) -> None:
+    trials = pd.read_parquet(sdir / "trials.parquet")
+    assert set(trials["cell"]) == CELLS and trials["trial_id"].is_unique and len(trials) == 3
+    parents, children = mlflow_runs(uri, EXPERIMENT)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert all("val/accuracy" in c.data.metrics for c in children)
+
+
+# ------------------------------------------------------------------------------------------ ray job submit
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` as cluster.yaml runs it on the head: sqlite store, proxied artifacts, 127.0.0.1."""
+    (port,) = free_ports(1)
+    root = tmp_path_factory.mktemp("mlflow")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 120, server)
+        yield {"url": url, "artifacts": root / "artifacts", "port": port}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # its own process group: the server and its uvicorn worker
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_job_study(tmp_path_factory, mlflow_server):
+    """A smoke study submitted as a Ray job that logs to the MLflow server, as on the cluster."""
+    import ray._private.utils as ray_utils
+
+    missing = ray_utils.get_dashboard_dependency_error()
+    if missing:
+        pytest.skip(f"the Ray dashboard/job server cannot start here (install ray[default]): {missing}")
+    gcs, dash, agent, agent_grpc, metrics, runtime_env = free_ports(6)
+    temp = Path(f"/tmp/rtj{secrets.token_hex(3)}")  # short: Ray's unix socket paths must stay < 108 bytes
+    storage = tmp_path_factory.mktemp("job") / "results"
+    env = {k: v for k, v in cli_env().items() if not k.startswith("RAY_AUTH")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONPATH="")  # the job must import from its working dir
+    head = subprocess.Popen(
+        ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp}", "--disable-usage-stats", "--block"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(storage.parent / "head.log").open("w"))
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        wait_http(f"{address}/api/version", 120, head)
+        ray_job = ["ray", "job"]
+        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        refused = subprocess.run([*ray_job, "list", "--address", address], env=no_token, capture_output=True,
+                                 text=True, timeout=120, check=False)
+        submit = subprocess.run(
+            [*ray_job, "submit", "--address", address, "--working-dir", ".", "--submission-id", "regtune-smoke",
+             "--", "python", "-m", "studies", "run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
+             "--num-samples", "1", "--mlflow-uri", mlflow_server["url"]],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
+        status = subprocess.run([*ray_job, "status", "regtune-smoke", "--address", address], env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+        session = next(temp.glob("session_2*"))  # not the session_latest link
+        packages = [p for p in session.glob("runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
+        yield {"storage": storage, "refused": refused, "submit": submit, "status": status, "packages": packages,
+               "address": address, "head_port": dash}
+    finally:
+        head.send_signal(signal.SIGINT)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+    assert listening_addresses(dash) == set(), "the job server still listens after the head stopped"
+    deadline = time.monotonic() + 30
+    while session_processes(session) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert session_processes(session) == [], "processes of the test's Ray head outlived it"
+
+
+def test_ray_job_submit_runs_a_study_with_token_auth_logging_to_an_mlflow_server(ray_job_study, mlflow_server):
+    job = ray_job_study
+    refused = job["refused"].stdout + job["refused"].stderr
+    assert job["refused"].returncode != 0 and ("token" in refused.lower() or "401" in refused), refused[-2000:]
+    out = job["submit"].stdout + job["submit"].stderr
+    assert job["submit"].returncode == 0, out[-4000:]
+    assert "Job 'regtune-smoke' succeeded" in out
+    assert job["status"].returncode == 0 and "Job 'regtune-smoke' succeeded" in job["status"].stdout
+    assert "connecting to Ray at" in out and "starting local Ray" not in out  # the driver used the cluster
+    assert listening_addresses(job["head_port"]) == {"127.0.0.1"}  # the job server binds to localhost only
+    sdir = job["storage"] / "cpr_grokking-smoke"
+    assert not (sdir / "mlflow.db").exists()  # every run went to the server
+    url = mlflow_server["url"]
+    check_study_outputs(sdir, url)
+    from mlflow.tracking import MlflowClient
+
+    (parent,), _ = mlflow_runs(url, EXPERIMENT)
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded through the server
+    arts = {a.path.split("/")[-1] for a in MlflowClient(url).list_artifacts(parent.info.run_id, "report")}
+    assert {"report.md", "curves.png", "trials.parquet"} <= arts
+    assert {"report.md", "curves.png"} <= {p.name for p in mlflow_server["artifacts"].rglob("*") if p.is_file()}
+    assert f"open {url} in a browser" in out
+
+
+def test_job_working_dir_upload_is_small_and_skips_ignored_dirs(ray_job_study):
+    (package,) = ray_job_study["packages"]
+    names = {p.name for p in package.iterdir()}
+    assert {"studies", "regtune", "trainables", "pyproject.toml"} <= names
+    assert not names & {".venv", ".git", "regtune_results", "mlruns", "regtune.egg-info"}, names
+    size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"the uploaded working dir is {size / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------------- python -m studies mlflow
+def test_studies_mlflow_serves_the_study_store_on_localhost(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from studies.tracking import StudyTracker, default_tracking_uri
+
+    storage = tmp_path / "results"
+    sdir = storage / "cpr_grokking-smoke"  # a study's own embedded store, as `studies run` leaves it
+    sdir.mkdir(parents=True)
+    tracker = StudyTracker(default_tracking_uri(sdir), EXPERIMENT, sdir, tags={"study_run": "cpr_grokking-smoke"})
+    client = MlflowClient(tracker.uri)
+    for trial_id in ("aaaa0001", "aaaa0002"):
+        run = client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": tracker.parent_id,
+                                                             "trial_id": trial_id, "cell": "adamw"})
+        client.log_metric(run.info.run_id, "val/accuracy", 0.5, step=1)
+        client.set_terminated(run.info.run_id)
+    (tmp_path / "report.md").write_text("# cpr_grokking (smoke scale)\n")
+    tracker.log_artifacts([tmp_path / "report.md"])
+    tracker.finish()
+    assert (sdir / "mlartifacts").is_dir()  # the embedded store keeps its artifacts beside it
+    (port,) = free_ports(1)
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "studies", "mlflow", "--storage", str(storage), "--study",
+                             "cpr_grokking", "--scale", "smoke", "--port", str(port)],
+                            cwd=ROOT, env={**cli_env(), "PYTHONUNBUFFERED": "1"}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while f"MLflow for cpr_grokking-smoke: {url}" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        assert listening_addresses(port) == {"127.0.0.1"}
+        parents, children = mlflow_runs(url, EXPERIMENT)  # the past study, read back through the server
+        assert len(parents) == 1 and sorted(c.data.tags["trial_id"] for c in children) == ["aaaa0001", "aaaa0002"]
+        query = f"path=report/report.md&run_uuid={parents[0].info.run_id}"
+        with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=30) as r:  # what the UI fetches
+            assert r.read().decode().startswith("# cpr_grokking")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, log.read_text()
+    assert listening_addresses(port) == set()  # the server it started is gone
+
+
+def test_studies_mlflow_selects_stores_and_fails_fast(tmp_path):
+    from regtune.space import ConfigError
+    from studies.mlflow_server import find_stores
+
+    for name in ("cpr_grokking-smoke", "cpr_grokking-laptop", "other-smoke"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mlflow.db").write_bytes(b"")
+    (tmp_path / "no_store-smoke").mkdir()
+    assert [p.name for p in find_stores(tmp_path)] == ["cpr_grokking-laptop", "cpr_grokking-smoke", "other-smoke"]
+    assert [p.name for p in find_stores(tmp_path, "cpr_grokking")] == ["cpr_grokking-laptop", "cpr_grokking-smoke"]
+    assert [p.name for p in find_stores(tmp_path, "cpr_grokking", "smoke")] == ["cpr_grokking-smoke"]
+    with pytest.raises(ConfigError, match="no MLflow store of study 'cpr_grokking' at scale 'paper'"):
+        find_stores(tmp_path, "cpr_grokking", "paper")
+    proc = run_cli("mlflow", "--storage", str(tmp_path / "missing"), timeout=120)
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = run_cli("mlflow", "--storage", str(tmp_path), "--study", "cpr_grokking", "--scale", "smoke",
+                       "--port", str(busy.getsockname()[1]), timeout=120)
+    assert proc.returncode == 2 and "is in use: pass a free --port" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

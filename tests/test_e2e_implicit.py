@@ -1,0 +1,172 @@
+"""End to end, at smoke scale, on real local Ray, Optuna and a real sqlite MLflow store: the implicit-SGD
+studies (implicit_main, implicit_large_micro, implicit_micro_sweep, implicit_grafting) and cpr_cifar100.
+
+Each study runs once through the CLI (``python -m studies run NAME --scale smoke``) on generated CIFAR
+files in the real on-disk format; the tests read back what it wrote: trials.parquet / curves.parquet,
+the MLflow runs, and the report's published tables. The grafting study also checks that every
+exter_graft trial grafted the gradient norm its sgd reference cell stored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+
+from tests.conftest import mlflow_runs, run_cli
+
+BEST, FINAL = "test/accuracy_best", "test/accuracy"
+
+
+def get_study(name: str):
+    return importlib.import_module(f"studies.{name}").STUDY  # this study only, not the whole catalog
+
+
+def _run(tmp_path_factory, name: str):
+    storage = tmp_path_factory.mktemp(name)
+    proc = run_cli("run", name, "--scale", "smoke", "--storage", str(storage), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sdir = storage / f"{name}-smoke"
+    return sdir, pd.read_parquet(sdir / "trials.parquet"), pd.read_parquet(sdir / "curves.parquet")
+
+
+def _pivot(md: str, heading: str) -> dict[str, list[str]]:
+    """A report table under ``heading``: first column -> the other cells."""
+    block = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in block.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
+
+
+def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
+    """Every cell ran its smoke trial to the end, MLflow nests one run per trial under one study run,
+    and the report's published table has the seed's shape with every published value in it."""
+    study = get_study(name)
+    cells = {c.name: c for c in study.cells}
+    assert list(dict.fromkeys(trials["cell"])) == list(cells)  # every cell, in order
+    assert all(trials.loc[trials["cell"] == n, "method"].eq(c.method).all() for n, c in cells.items())
+    assert (trials["status"] == "completed").all(), trials[["cell", "status"]]
+    assert (trials["steps"] == 4).all() and trials["trial_id"].is_unique
+    assert trials["final/test/accuracy"].between(0, 1).all() and trials["final/test/accuracy_best"].between(0, 1).all()
+    assert set(curves["trial_id"]) == set(trials["trial_id"])
+    for n, c in cells.items():  # Optuna's first point is the published eta / lambda (when all of it is searched)
+        row = trials[trials["cell"] == n].iloc[0]
+        if set(c.points[0]) <= set(json.loads(row["searched"])):
+            for k, v in c.points[0].items():
+                assert row[f"config/{k}"] == pytest.approx(v), (n, k)
+        assert json.loads(row["published/values"]) == {m: p.value for m, p in c.published.items()}
+
+    parents, children = mlflow_runs(f"sqlite:///{sdir / 'mlflow.db'}", f"regtune/{name}")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])
+    assert {c.data.tags["cell"] for c in children} == set(cells)
+
+    md = (sdir / "report" / "report.md").read_text()
+    table = _pivot(md, "Published table: ours (published)")
+    header = table.pop("")
+    assert header == list(dict.fromkeys(c.col for c in study.cells))
+    multi = {m for c in study.cells for m in c.published} == {BEST, FINAL}
+    for c in study.cells:
+        for metric, pub in c.published.items():
+            label = f"{c.row} ({'best' if metric == BEST else 'final'})" if multi else c.row
+            text = table[label][header.index(c.col)]
+            assert re.fullmatch(rf"\d+\.\d\d \({pub.value:g}\)", text), (c.name, text)
+    configs = _pivot(md, "Hyperparameters: best found (published)")
+    for c in study.cells:
+        text = configs[c.row][configs[""].index(c.col)]
+        assert re.search(rf"(^|, )lr=[0-9.e+-]+ \({c.published_config['lr']:.3g}\)", text), (c.name, text)
+
+
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def grafting(tmp_path_factory):
+    return _run(tmp_path_factory, "implicit_grafting")
+
+
+def test_implicit_grafting(grafting):
+    sdir, trials, curves = grafting
+    check_common("implicit_grafting", sdir, trials, curves)
+    assert len(trials) == 20 and trials.groupby("task")["method"].apply(set).map(len).eq(5).all()
+    md = (sdir / "report" / "report.md").read_text()
+    assert "| VGG-16/CIFAR100 | " in md and "(63.48)" in md and "lr=0.432 (0.432)" in md
+
+
+def test_exter_graft_trials_grafted_the_stored_sgd_norm(grafting):
+    """Each exter_graft trial took its step norm from its own task's sgd cell, read from curves.parquet:
+    the mean norm of the sgd run's first 20-step block (smoke runs 4 steps, all in block 0). A trial
+    that had no reference would have errored (tests/test_reference.py)."""
+    _, trials, curves = grafting
+    used = {}
+    for task in trials["task"].unique():
+        sgd = trials[(trials["cell"] == f"{task}-sgd") & (trials["status"] == "completed")]
+        ref_id = sgd.loc[sgd["final/val/accuracy"].idxmax(), "trial_id"]
+        ref = curves[curves["trial_id"] == ref_id].sort_values("step")
+        block0 = float(ref["grad/full_norm"].iloc[0])  # the first report: mean over steps 0, 1
+        graft = curves[curves["cell"] == f"{task}-exter_graft"]
+        assert len(graft) == 2 and graft["grad/graft_norm"].notna().all()
+        assert graft["grad/graft_norm"].to_numpy() == pytest.approx([block0, block0], rel=1e-9)
+        assert not math.isclose(block0, float(graft["grad/full_norm"].iloc[0]), rel_tol=1e-6)  # grafted, not own
+        used[task] = block0
+    assert len(set(used.values())) == 4  # four tasks, four different references
+
+
+# --------------------------------------------------------------------------
+def test_implicit_main(tmp_path_factory):
+    sdir, trials, curves = _run(tmp_path_factory, "implicit_main")
+    check_common("implicit_main", sdir, trials, curves)
+    assert len(trials) == 17
+    assert "unit_jacobian" not in set(trials.loc[trials["task"] == "cifar10_vgg11", "method"])
+    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    assert table["VGG-11/CIFAR10"][-1] == "N/A"  # the paper has no VGG-11 x UJ cell
+    assert table[""] == ["SB SGD", "LB SGD", "LB + GN", "LB + FT", "LB + AJ", "LB + UJ"]
+    configs = _pivot((sdir / "report" / "report.md").read_text(), "Hyperparameters: best found (published)")
+    assert "reg_lambda=" in configs["ResNet-18/CIFAR100"][4] and "(5e-05)" in configs["ResNet-18/CIFAR100"][4]
+    penalized = trials[trials["method"].isin(["grad_norm", "fisher_trace", "avg_jacobian", "unit_jacobian"])]
+    assert (penalized["final/reg/value"] > 0).all()  # the penalty R_k was computed
+
+
+def test_implicit_large_micro(tmp_path_factory):
+    sdir, trials, curves = _run(tmp_path_factory, "implicit_large_micro")
+    check_common("implicit_large_micro", sdir, trials, curves)
+    # the per-cell micro-batch size, shrunk with the smoke batch of 32
+    assert trials["config/micro_batch_size"].tolist() == [16, 16, 16, 24]
+    assert trials["method"].tolist() == ["grad_norm", "fisher_trace", "grad_norm", "grad_norm"]
+    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    assert table[""] == ["Test Accuracy"] and "VGG-11/CIFAR10, LB + GN (mb size=2500)" in table
+
+
+def test_implicit_micro_sweep_reports_best_and_final(tmp_path_factory):
+    sdir, trials, curves = _run(tmp_path_factory, "implicit_micro_sweep")
+    check_common("implicit_micro_sweep", sdir, trials, curves)
+    gn = trials[trials["method"] == "grad_norm"]
+    assert gn["config/micro_batch_size"].tolist() == [2, 4, 16, 24]
+    sgd = trials[trials["method"] == "sgd"].set_index("cell")["config/lr"]
+    assert 0.075 <= sgd["cifar10_vgg11-sgd-lr0.15"] <= 0.3 and 0.005 <= sgd["cifar10_vgg11-sgd-lr0.01"] <= 0.02
+    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    assert set(table) == {"", "VGG-11/CIFAR10 (best)", "VGG-11/CIFAR10 (final)"}
+    best, final = table["VGG-11/CIFAR10 (best)"], table["VGG-11/CIFAR10 (final)"]
+    assert best[0].endswith("(78.19)") and final[0].endswith("(77.56)")
+    # ours: the best trial's test accuracy at the best-validation checkpoint and at the last one
+    for i, cell in enumerate(get_study("implicit_micro_sweep").cells):
+        row = trials[trials["cell"] == cell.name].iloc[0]
+        assert best[i].startswith(f"{100 * row['final/test/accuracy_best']:.2f} ")
+        assert final[i].startswith(f"{100 * row['final/test/accuracy']:.2f} ")
+
+
+def test_cpr_cifar100(tmp_path_factory):
+    sdir, trials, curves = _run(tmp_path_factory, "cpr_cifar100")
+    check_common("cpr_cifar100", sdir, trials, curves)
+    by_cell = trials.set_index("cell")
+    assert by_cell["config/kappa_init_method"].dropna().to_dict() == {
+        "adamcpr-warm_start": "warm_start", "adamcpr-dependent": "dependent",
+        "adamcpr-inflection_point": "inflection_point"}
+    assert by_cell.loc["adamcpr-warm_start", "config/kappa_init_param"] == 2  # smoke: the constraint starts at step 2
+    assert by_cell.loc["adamcpr-dependent", "config/kappa_init_param"] == pytest.approx(8.0)  # Optuna's first point
+    assert by_cell.loc["adamw", "config/weight_decay"] == pytest.approx(1e-3)
+    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    assert table[""] == ["AdamW", "Adam + Rescaling", "AdamCPR warm start", "AdamCPR dependent", "AdamCPR Kappa-IP"]
+    assert [t.split("(")[1] for t in table["ResNet-18/CIFAR-100"]] == ["74.9)", "74.7)", "76.6)", "76.4)", "76.3)"]

@@ -1,0 +1,275 @@
+"""Fault tolerance on real Ray, Optuna and MLflow: a trial whose process dies is retried from its checkpoint and
+ends exactly where an uninterrupted run ends; a driver killed (SIGKILL) and then interrupted (SIGINT) mid-study
+resumes with every trial once in Parquet and MLflow; bad storage or data fails fast; checkpoints never unpickle
+code; one driver per study directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from studies.guard import DriverLock, session_processes
+from tests.conftest import ROOT, cli_env, mlflow_runs, run_cli
+
+CURVE_KEYS = ("step", "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "best/val/accuracy",
+              "best/step")
+
+
+def _rows(result_json: Path) -> list[dict]:
+    return [json.loads(line) for line in result_json.read_text().splitlines() if line.strip()]
+
+
+def _by_step(rows: list[dict]) -> dict[int, dict]:
+    return {int(r["step"]): r for r in rows}  # a retried trial may repeat steps: the last one counts
+
+
+# ---------------------------------------------------------------------------------------------- trial retry
+def test_trial_killed_mid_run_resumes_from_checkpoint_bit_for_bit(tmp_path):
+    """fail_at_step makes the trial's process os._exit once after its report at step 75; FailureConfig retries
+    it from the last checkpoint; every reported metric equals the uninterrupted twin's (same config and seed)."""
+    import ray
+    from ray import tune
+
+    import trainables
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trainables.get("adamw"), {"cpu": 1}),
+            param_space={"task": "grokking", "size": "smoke", "steps": 150, "eval_every": 25, "seed": 3,
+                         "lr": 1e-3, "weight_decay": 0.1, "fail_at_step": tune.grid_search([None, 75])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=2),
+            run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    assert len(results) == 2 and all(r.error is None for r in results)
+    by_fail = {r.config["fail_at_step"]: Path(r.path) for r in results}
+    clean, died = by_fail[None], by_fail[75]
+    assert (died / ".fail_at_step_done").exists() and not (clean / ".fail_at_step_done").exists()
+    died_rows = _rows(died / "result.json")
+    restarted = [r for r in died_rows if r["iterations_since_restore"] == 1]
+    # the retry continued from a checkpoint (first report after it is past step 25), it did not start over
+    assert len(restarted) == 2 and restarted[1]["step"] > 25, [(r["step"], r["iterations_since_restore"])
+                                                                for r in died_rows]
+    a, b = _by_step(_rows(clean / "result.json")), _by_step(died_rows)
+    assert sorted(a) == sorted(b) == [25, 50, 75, 100, 125, 150]
+    for step in a:
+        for key in CURVE_KEYS:
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+
+
+# ------------------------------------------------------------------------------- driver killed / interrupted
+class Driver:
+    """``python -m studies run ...`` as a background process whose output goes to a file."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "studies", *args], cwd=ROOT, env=cli_env(),
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"driver did not finish in {timeout}s:\n{self.output()[-3000:]}") from None
+
+
+def _wait_for(cond, timeout: float, what: str, driver: Driver) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if driver.proc.poll() is not None:
+            raise AssertionError(f"driver exited ({driver.proc.returncode}) before {what}:\n{driver.output()[-3000:]}")
+        time.sleep(0.2)
+    driver.proc.kill()
+    raise AssertionError(f"timed out waiting for {what}:\n{driver.output()[-3000:]}")
+
+
+def _steps(tdir: Path) -> list[int]:
+    f = tdir / "result.json"
+    return [r["step"] for r in _rows(f)] if f.exists() else []
+
+
+def _trial_dirs(exp_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in exp_dir.glob("*/params.json"))
+
+
+def test_driver_sigkill_then_sigint_then_resume(tmp_path):
+    """Three runs of one command. ASHA (grace 100 of 300 steps) never stops the first trial of a cell (it is alone
+    at its rung), so a first trial past step 100 is certain to be running, not stopped."""
+    storage = tmp_path / "results"
+    sdir = storage / "cpr_grokking-smoke"
+    tune_dir = sdir / "tune"
+    args = ["run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
+            "--num-samples", "2", "--max-concurrent", "1"]
+
+    # 1. SIGKILL when the first cell is done and the second cell's first trial is past step 100 (Tune saves its
+    #    experiment state every second checkpoint of a trial, so the state knows a checkpoint of that trial)
+    first = Driver(args, tmp_path / "run1.log")
+    _wait_for(lambda: (tune_dir / "adamw" / "cell_done.json").exists()
+              and any(150 <= max(_steps(t), default=0) < 300 for t in _trial_dirs(tune_dir / "adam_rescale")),
+              180, "a running trial in the second cell", first)
+    session = json.loads((sdir / "driver.lock").read_text())["ray_session"]
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+
+    # 2. the same command resumes the second cell from the checkpoint; SIGINT (Ctrl-C) it in the third cell
+    #    once that cell's first trial has finished and the second one has reported
+    second = Driver(args, tmp_path / "run2.log")
+    adamcpr = tune_dir / "adamcpr"
+
+    def one_finished_one_started() -> bool:
+        steps = [_steps(t) for t in _trial_dirs(adamcpr)]
+        return any(300 in s for s in steps) and len([s for s in steps if s]) >= 2
+
+    _wait_for(one_finished_one_started, 180, "a finished and a started trial in the third cell", second)
+    second.proc.send_signal(signal.SIGINT)
+    assert second.wait(120) == 130, second.output()[-3000:]
+    out2 = second.output()
+    assert "run the same command again to resume" in out2
+    assert "leftover Ray processes of the previous driver" in out2  # the SIGKILLed driver's Ray agents
+    assert session_processes(session) == []  # nothing of the killed driver's local Ray is left
+    assert "[adamw] already finished, skipping" in out2
+    assert "[adam_rescale] resuming the interrupted experiment" in out2
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in out2.splitlines() if "[adam_rescale] resumed at step" in line]
+    assert resumed and resumed[0] >= 100, resumed  # continued from a checkpoint past the rung, not from step 0
+    assert not (adamcpr / "cell_done.json").exists()  # interrupted is not done
+    parents, _ = mlflow_runs(f"sqlite:///{sdir / 'mlflow.db'}", "regtune/cpr_grokking")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    finished = {t.name: (t / "result.json").read_bytes() for t in _trial_dirs(adamcpr) if 300 in _steps(t)}
+    assert finished
+
+    # 3. the same command again: the third cell is restored and the study ends
+    third = Driver(args, tmp_path / "run3.log")
+    assert third.wait(300) == 0, third.output()[-3000:]
+    assert "[adamcpr] resuming the interrupted experiment" in third.output()
+    for name, before in finished.items():  # a trial finished before the interruption did not run again
+        assert (adamcpr / name / "result.json").read_bytes() == before, name
+
+    trials = pd.read_parquet(sdir / "trials.parquet")
+    assert trials["trial_id"].is_unique and len(trials) == 6
+    assert (trials.groupby("cell").size() == 2).all()
+    assert set(trials["status"]) <= {"completed", "stopped"}
+    curves = pd.read_parquet(sdir / "curves.parquet")
+    assert not curves.duplicated(["trial_id", "step"]).any()
+    for cell in ("adamw", "adam_rescale", "adamcpr"):
+        owned = {t.name for t in _trial_dirs(tune_dir / cell)}
+        assert owned == {f"{cell}_{t}" for t in trials.loc[trials["cell"] == cell, "trial_id"]}
+
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{sdir / 'mlflow.db'}"
+    parents, children = mlflow_runs(uri, "regtune/cpr_grokking")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])  # once each
+    assert {c.info.status for c in children} == {"FINISHED"}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("regtune/cpr_grokking")
+    everything = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000)
+    assert not [r.info.run_id for r in everything if r.info.status == "RUNNING"]  # no orphans, deleted or not
+
+
+# -------------------------------------------------------------------------------------------------- fail fast
+@pytest.mark.parametrize("storage, message", [
+    ("s3://bucket/regtune", "--storage 's3://bucket/regtune' is not allowed: expected a local or shared-filesystem"),
+    ("FILE/sub", "is not writable (Not a directory)"),
+], ids=["s3-uri", "storage-under-a-file"])
+def test_bad_storage_fails_fast_with_exit_2(storage, message, tmp_path):
+    (tmp_path / "FILE").write_text("not a directory")
+    storage = storage.replace("FILE", str(tmp_path / "FILE"))
+    proc = run_cli("run", "cpr_grokking", "--scale", "smoke", "--storage", storage, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert "Ray" not in proc.stdout + proc.stderr  # before Ray started
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_read_only_storage_fails_fast(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    proc = run_cli("run", "cpr_grokking", "--scale", "smoke", "--storage", str(ro), timeout=120)
+    assert proc.returncode == 2 and "is not writable (Permission denied)" in proc.stderr
+
+
+def test_missing_data_dir_fails_before_ray(tmp_path):
+    import ray
+
+    from regtune.space import ConfigError
+    from studies.driver import run_study
+    from studies.spec import Cell, Scale, Study
+
+    missing = tmp_path / "no-such-data"
+    study = Study(name="needs_data", doc="", paper="", cells=(Cell("sgd", "cifar10_resnet18", "sgd"),),
+                  scales={"smoke": Scale(num_samples=1, fixed={"size": "smoke", "data_dir": str(missing)})},
+                  default_scale="smoke")
+    with pytest.raises(ConfigError, match=r"data_dir='.*no-such-data' of cell 'sgd' is not a directory"):
+        run_study(study, "smoke", storage=str(tmp_path / "results"))
+    assert not ray.is_initialized()
+
+
+def test_second_driver_on_the_same_study_dir_exits_2(tmp_path):
+    sdir = tmp_path / "results" / "cpr_grokking-smoke"
+    sdir.mkdir(parents=True)
+    lock = DriverLock(sdir).acquire()  # this test process plays the running driver
+    try:
+        proc = run_cli("run", "cpr_grokking", "--scale", "smoke", "--storage", str(sdir.parent), timeout=120)
+    finally:
+        lock.release()
+    assert proc.returncode == 2
+    assert f"in use by another driver (pid {os.getpid()}" in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+class Payload:
+    """Unpickling this runs code (creates a file): what a tampered checkpoint could do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    from regtune.loop import Run
+    from trainables import CHECKPOINT_FILE, load_checkpoint
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    run = Run("adamcpr", {"task": "grokking", "size": "smoke", "steps": 4, "eval_every": 2})
+    for _ in run.reports():
+        pass
+    torch.save(run.state_dict(), good / CHECKPOINT_FILE)
+    state = load_checkpoint(good)
+    resumed = Run("adamcpr", {"task": "grokking", "size": "smoke", "steps": 4, "eval_every": 2})
+    resumed.load_state_dict(state)
+    assert resumed.step == 4
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "model": Payload(str(marker))}, bad / CHECKPOINT_FILE)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(bad)
+    assert not marker.exists()
