@@ -8,10 +8,11 @@ table splits the wall time with those timestamps and with each trial's ``result.
 * CLI start: interpreter, imports, config checks, until "starting local Ray";
 * Ray start: until the first cell's log line;
 * Tuner setup per cell: from the cell's line to its first "Trial ... started";
-* trial start-up: the gap between Tune starting a trial and the trial function's clock starting (a new
-  worker process, imports, building the task) — measured as the trial's wall time in Tune minus time_total_s;
+* trial start/stop in Tune: a trial's wall time between Tune's "started" and "completed" lines minus its
+  time_total_s (a new worker process and its imports for the first trial of a cell, actor reuse after that);
 * training: the ``seconds`` column (the figure the target is relative to);
-* in-trial evaluation, checkpoints and reports: time_total_s - seconds;
+* in the trial but not training: building the task and model, evaluation, checkpoints, reports
+  (time_total_s - seconds);
 * between trials and after the last one: Tune's bookkeeping, MLflow logging in callbacks, experiment-state
   snapshots, Parquet export after each cell;
 * report + MLflow artifacts + shutdown: from the last trial's end to process exit.
@@ -138,9 +139,9 @@ def main() -> None:
         ("CLI start (imports, checks)", t_ray),
         ("Ray start", t_cell0 - t_ray),
         (f"Tuner setup ({len(cells)} cells)", setup),
-        (f"trial start-up ({len(starts)} trials: worker process, imports, task build)", startup),
+        (f"trial start/stop in Tune ({len(starts)} trials: actor start or reuse, until its clock starts)", startup),
         ("training (trials.parquet `seconds`)", train),
-        (f"in-trial eval + checkpoint + report ({reports} reports)", in_trial),
+        (f"in-trial task build + eval + checkpoints + reports ({reports} reports)", in_trial),
         ("between trials (Tune bookkeeping, MLflow callback, state snapshots, Parquet export)", between),
         ("Parquet/report/MLflow artifacts + Ray shutdown", tail),
     ]

@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.study:
                 get_study(args.study)  # unknown name: one line with suggestions
             _positive("--port", args.port, 1)
-            return serve(args.storage, args.study, args.scale, host=args.host, port=args.port)
+            try:
+                return serve(args.storage, args.study, args.scale, host=args.host, port=args.port)
+            except RuntimeError as e:  # a server that did not start or died
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         from studies import get_study
         from studies.driver import make_report, run_study, study_dir
         from studies.spec import check_study

@@ -9,6 +9,8 @@ Layout of a study run (``<storage>/<study>-<scale>/``)::
     trials.parquet         one row per trial
     curves.parquet         one row per report
     report/report.md, report/curves.png
+    driver.lock            held by the running driver (studies/guard.py: one driver per study dir)
+    tune/.abandoned/       trial dirs of a killed run that the resumed experiment does not own
 
 Running the same command again resumes: finished cells are skipped, an
 interrupted cell is restored with ``Tuner.restore`` (finished trials stay
@@ -228,11 +230,11 @@ def run_study(
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
     sc = study.scales[scale]
     sdir = study_dir(storage, study, scale)
+    guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies
     lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind
     extra = dict(study.prepare(sdir, scale)) if study.prepare else {}
-    guard.check_data_dirs((c.name, cell_configs(study, c, scale, extra, overrides)[0]) for c in study.cells)
     np.random.seed(seed)  # ASHA's bracket draws on the driver
     if _init_ray(address, log):
         lock.record(ray_session=guard.ray_session_dir())

@@ -132,6 +132,8 @@ def test_driver_sigkill_then_sigint_then_resume(tmp_path):
     session = json.loads((sdir / "driver.lock").read_text())["ray_session"]
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
+    time.sleep(1.0)
+    leftover = session_processes(session)  # local Ray dies with its driver, but its agents linger for a minute
 
     # 2. the same command resumes the second cell from the checkpoint; SIGINT (Ctrl-C) it in the third cell
     #    once that cell's first trial has finished and the second one has reported
@@ -147,7 +149,8 @@ def test_driver_sigkill_then_sigint_then_resume(tmp_path):
     assert second.wait(120) == 130, second.output()[-3000:]
     out2 = second.output()
     assert "run the same command again to resume" in out2
-    assert "leftover Ray processes of the previous driver" in out2  # the SIGKILLed driver's Ray agents
+    if leftover:
+        assert "leftover Ray processes of the previous driver" in out2, leftover  # (some may have died by then)
     assert session_processes(session) == []  # nothing of the killed driver's local Ray is left
     assert "[adamw] already finished, skipping" in out2
     assert "[adam_rescale] resuming the interrupted experiment" in out2
@@ -227,6 +230,7 @@ def test_missing_data_dir_fails_before_ray(tmp_path):
     with pytest.raises(ConfigError, match=r"data_dir='.*no-such-data' of cell 'sgd' is not a directory"):
         run_study(study, "smoke", storage=str(tmp_path / "results"))
     assert not ray.is_initialized()
+    assert not (tmp_path / "results").exists()  # nothing written
 
 
 def test_second_driver_on_the_same_study_dir_exits_2(tmp_path):
