@@ -89,6 +89,7 @@ LOOP_HPARAMS: tuple[HParam, ...] = (
     HParam("warmup_steps", 0, "linear warmup steps of warmup_cosine", kind=int, low=0),
     HParam("lr_min_ratio", 0.0, "cosine floor as a share of the peak lr", low=0.0, high=1.0),
     HParam("max_grad_norm", None, "clip the global gradient norm (null: off)", low=0.0, low_open=True, nullable=True),
+    HParam("accum_steps", 1, "gradient accumulation: chunks per batch, run one after another", kind=int, low=1),
     HParam("device", "auto", "auto: CUDA when the trial has a GPU, else CPU", kind=str, choices=("auto", "cpu", "cuda")),
     HParam("fail_at_step", None, "fault injection: the process dies once at this step", kind=int, low=1, nullable=True),
 )

@@ -54,6 +54,26 @@ def global_grad_norm(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
 
 
+def forward_backward(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Accumulate the gradient of the batch's mean loss in ``p.grad``, over ``accum_steps``
+    sequential chunks (gradient accumulation: the same gradient in less memory; a
+    BatchNorm model sees chunk statistics). Returns the batch's mean loss and accuracy."""
+    k = ctx.config.get("accum_steps", 1)
+    n = inputs.shape[0]
+    loss_sum = acc_sum = 0.0
+    for xs, ys in zip(inputs.tensor_split(k), targets.tensor_split(k)):
+        if xs.shape[0] == 0:
+            continue
+        w = xs.shape[0] / n
+        with torch.enable_grad():
+            logits = ctx.task.forward(ctx.model, xs)
+            loss = ctx.task.criterion(logits, ys)
+            (loss * w if k > 1 else loss).backward()
+        loss_sum += float(loss.detach()) * w
+        acc_sum += accuracy(logits.detach(), ys) * w
+    return loss_sum, acc_sum
+
+
 def standard_step(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
     inputs, targets = batch
     opt = ctx.optimizer
@@ -63,21 +83,16 @@ def standard_step(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = ctx.task.criterion(ctx.task.forward(ctx.model, inputs), targets)
-            loss.backward()
+        loss, _ = forward_backward(ctx, inputs, targets)
         clip_gradients(ctx)
-        return loss
+        return torch.tensor(loss)
 
     opt.zero_grad(set_to_none=True)
-    logits = ctx.task.forward(ctx.model, inputs)
-    loss = ctx.task.criterion(logits, targets)
-    loss.backward()
+    loss, acc = forward_backward(ctx, inputs, targets)
     full_norm = global_grad_norm(ctx.model)  # before clipping; exter_graft's reference reads it from sgd runs
     clip_gradients(ctx)
     if getattr(opt, "needs_closure", False):
         opt.step(closure)
     else:
         opt.step()
-    return {"train/loss": float(loss.detach()), "train/accuracy": accuracy(logits.detach(), targets),
-            "grad/full_norm": full_norm}
+    return {"train/loss": loss, "train/accuracy": acc, "grad/full_norm": full_norm}

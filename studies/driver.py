@@ -28,11 +28,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
 from studies import guard
-from studies.spec import Cell, Study, cell_configs, check_study
+from studies.spec import Cell, Study, cell_configs, check_study, sample_point
 
 DONE_FILE = "cell_done.json"
 
@@ -72,7 +73,8 @@ def collect_cell(study: Study, scale: str, cell: Cell, exp_dir: Path, budget: in
         config = {k: v for k, v in json.loads(params_file.read_text()).items() if not k.startswith("__")}
         pub = cell.published.get(task.metric.replace("val/", "test/")) or next(iter(cell.published.values()), None)
         meta = {
-            "study": study.name, "scale": scale, "cell": cell.name, "cell_index": study.cells.index(cell), "task": cell.task, "method": cell.method,
+            "study": study.name, "scale": scale, "cell": cell.name, "cell_index": study.cells.index(cell),
+            "task": cell.task, "method": cell.method,
             "trial_id": trial_id, "budget": budget, "metric": task.metric, "mode": task.mode,
             "row": cell.row, "col": cell.col, "searched": json.dumps(searched),
             "speedup_baseline": cell.speedup_baseline,
@@ -123,6 +125,12 @@ def _init_ray(address: str | None, log: Callable[[str], None]) -> bool:
     return True
 
 
+def cell_budget(cell: Cell, fixed: Mapping[str, Any], searched: Mapping[str, Any]) -> tuple[int, int]:
+    """(steps, eval_every) of the cell's trials, as the resolved config gives them (size presets included)."""
+    resolved = resolve_config(cell.method, {**fixed, **sample_point(searched)[0]})
+    return resolved["steps"], resolved["eval_every"]
+
+
 def _trial_dirname(trial) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
@@ -163,8 +171,7 @@ def run_cell(
     fixed, searched = cell_configs(study, cell, scale, extra, overrides)
     fixed.setdefault("seed", seed)
     fixed["__extras"] = {"study_dir": str(sdir), "cell": cell.name, "needs": list(cell.needs)}
-    budget = int(fixed.get("steps", task.loop_defaults.get("steps", 1000)))
-    eval_every = int(fixed.get("eval_every", task.loop_defaults.get("eval_every", 100)))
+    budget, eval_every = cell_budget(cell, fixed, searched)
     trainable = tune.with_resources(trainables.get(cell.method), _resources(study, cell, scale))
     callbacks = [tracker.callback(cell.name, {"study": study.name, "scale": scale, "method": cell.method,
                                               "task": cell.task})]
@@ -252,8 +259,7 @@ def run_study(
     try:
         for i, cell in enumerate(study.cells):
             fixed, searched = cell_configs(study, cell, scale, extra, overrides)
-            budget = int(fixed.get("steps", get_task(cell.task).loop_defaults.get("steps", 1000)))
-            plans.append((cell, budget, sorted(searched)))
+            plans.append((cell, cell_budget(cell, fixed, searched)[0], sorted(searched)))
             run_cell(study, scale, cell, i, sdir, tracker, extra=extra, num_samples=n,
                      max_concurrent=conc, seed=seed, log=log, overrides=overrides)
             export(study, scale, sdir, plans)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 from regtune.space import ConfigError
 
@@ -252,7 +252,7 @@ class SignalWatch:
         self.hit = True  # a second Ctrl-C, or Tune's handler disabled
         raise KeyboardInterrupt
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "SignalWatch":
         if self.active:
             self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGUSR1)}
         return self

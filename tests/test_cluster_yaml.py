@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 ray = pytest.importorskip("ray")
-from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"

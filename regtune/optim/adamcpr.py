@@ -196,7 +196,7 @@ class AdamCPR(torch.optim.Adam):
         elif method == "inflection_point" and step % self.reg_step_size == 0:
             waiting = [(p, s) for p, s in zip(params, states) if not s["cpr_active"]]
             values = _reg_values([p for p, _ in waiting], self.reg_function)
-            for (p, s), r in zip(waiting, values):
+            for (_, s), r in zip(waiting, values):
                 growth = float(r) - s["cpr_last_r"]
                 if s["cpr_last_growth"] is not None and growth - s["cpr_last_growth"] < 0:
                     s["cpr_kappa"] = r.to(torch.float32)

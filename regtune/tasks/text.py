@@ -45,7 +45,8 @@ from regtune.models.small_lm import SmallTransformerLM
 from regtune.space import ConfigError, HParam
 from regtune.tasks.base import Task, evaluate_batches, register_task
 
-IRE_PAPER = "Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, NeurIPS 2024, arXiv:2405.20763"
+IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization,"
+             " NeurIPS 2024, arXiv:2405.20763")
 CPR_PAPER = "Franke et al., Constrained Parameter Regularization, NeurIPS 2024, arXiv:2311.09058"
 
 
@@ -154,11 +155,12 @@ def _builder(corpus: str, arch: str):
 LLM_OPTIM = {"lr": 6e-4, "betas": (0.9, 0.95), "regularize_embedding": True}
 LLM_RESOURCES = {"cpu": 4, "gpu": 1}  # a 60M-229M model at context 1024 wants a whole GPU
 SMALL_RESOURCES = {"cpu": 2, "gpu": 0.25}
-SMOKE_LOOP = {"steps": 60, "eval_every": 20, "warmup_steps": 6}
+SMOKE_LOOP = {"steps": 60, "eval_every": 20, "warmup_steps": 6, "accum_steps": 2}  # smoke exercises accumulation
 SMOKE_DATA = {"tokenizer": "local-bpe", "context": 32, "batch_size": 8, "eval_batches": 8, "eval_batch_size": 16}
 
 
-def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, steps: int, prog: float, doc: str) -> Task:
+def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, accum_steps: int, steps: int, prog: float,
+                doc: str) -> Task:
     shape = LLAMA_PRESETS[preset]
     return register_task(Task(
         name=name,
@@ -171,8 +173,9 @@ def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, steps: 
             "paper": {},
             "smoke": {**SMOKE_LOOP, **SMOKE_DATA, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_mlp": 64},
         },
+        # accum_steps: the paper's per-GPU micro-batch (its --batch_size) x context fits one 80 GB GPU
         loop_defaults={"steps": steps, "eval_every": 1000, "lr_schedule": "warmup_cosine", "warmup_steps": 1000,
-                       "lr_min_ratio": 0.05, "max_grad_norm": 1.0},
+                       "lr_min_ratio": 0.05, "max_grad_norm": 1.0, "accum_steps": accum_steps},
         method_defaults={
             "*": LLM_OPTIM,
             "adamw": {"weight_decay": 0.1},
@@ -211,13 +214,13 @@ WIKITEXT2_TRANSFORMER = register_task(Task(
 ))
 
 WIKITEXT103_LLAMA60M = _llama_task(
-    "wikitext103_llama60m", "wikitext103", "llama60m", batch_size=240, steps=50_000, prog=3.0,
+    "wikitext103_llama60m", "wikitext103", "llama60m", batch_size=240, accum_steps=6, steps=50_000, prog=3.0,
     doc="WikiText-103 (GPT-2 BPE), LLaMA ~60M (59.9M), context 1024, batch 240, 50k steps")
 MINIPILE_LLAMA119M = _llama_task(
-    "minipile_llama119m", "minipile", "llama119m", batch_size=300, steps=30_000, prog=4.0,
+    "minipile_llama119m", "minipile", "llama119m", batch_size=300, accum_steps=20, steps=30_000, prog=4.0,
     doc="MiniPile (GPT-2 BPE), LLaMA ~119M (119.7M), context 1024, batch 300, 30k steps")
 OPENWEBTEXT_LLAMA229M = _llama_task(
-    "openwebtext_llama229m", "openwebtext", "llama229m", batch_size=480, steps=50_000, prog=4.0,
+    "openwebtext_llama229m", "openwebtext", "llama229m", batch_size=480, accum_steps=30, steps=50_000, prog=4.0,
     doc="OpenWebText (GPT-2 BPE), LLaMA ~229M (228.3M), context 1024, batch 480, 50k steps")
 
 OPENWEBTEXT_GPT2S = register_task(Task(
@@ -232,7 +235,7 @@ OPENWEBTEXT_GPT2S = register_task(Task(
         "smoke": {**SMOKE_LOOP, **SMOKE_DATA, "d_model": 32, "n_layers": 2, "n_heads": 2, "d_mlp": 128},
     },
     loop_defaults={"steps": 200_000, "eval_every": 2000, "lr_schedule": "warmup_cosine", "warmup_steps": 5000,
-                   "lr_min_ratio": 0.1, "max_grad_norm": 1.0},
+                   "lr_min_ratio": 0.1, "max_grad_norm": 1.0, "accum_steps": 40},  # 12 sequences a chunk
     method_defaults={
         "*": LLM_OPTIM,
         "adamw": {"weight_decay": 1e-2},
