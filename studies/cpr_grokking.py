@@ -37,7 +37,7 @@ STUDY = Study(
                        doc="the paper's budget: 8000 steps (1000 epochs), batch 512"),
         "laptop": Scale(num_samples=4, fixed={"size": "paper", "steps": 4000, "eval_every": 100},
                         grace_fraction=1 / 8,
-                        doc="the paper's task and model, 4000 steps, 4 trials a method: ~15 min on 4 CPU cores"),
+                        doc="the paper's task and model, 4000 steps, 4 trials a method: ~7 min on 2 CPU cores"),
         "smoke": Scale(num_samples=2, fixed={"size": "smoke", "steps": 300, "eval_every": 50},
                        grace_fraction=1 / 3,
                        doc="CI-sized: p = 31, a narrow model, 300 steps"),

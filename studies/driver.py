@@ -127,7 +127,8 @@ def _init_ray(address: str | None, log: Callable[[str], None]) -> bool:
 
 def cell_budget(cell: Cell, fixed: Mapping[str, Any], searched: Mapping[str, Any]) -> tuple[int, int]:
     """(steps, eval_every) of the cell's trials, as the resolved config gives them (size presets included)."""
-    resolved = resolve_config(cell.method, {**fixed, **sample_point(searched)[0]})
+    hparams = {k: v for k, v in fixed.items() if not k.startswith("__")}  # __extras: driver inputs
+    resolved = resolve_config(cell.method, {**hparams, **sample_point(searched)[0]})
     return resolved["steps"], resolved["eval_every"]
 
 
