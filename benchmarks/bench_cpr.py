@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from regtune.loop import Run
-from regtune.optim import AdamCPR, cpr_param_groups, param_groups
+from regtune.optim import AdamCPR, cpr_param_groups, decay_param_groups
 from regtune.tasks.grokking import GrokkingTransformer
 
 
@@ -34,8 +34,7 @@ def models():
 
 def make_optimizers(model, foreach):
     def adamw():
-        groups, _ = param_groups(model, regularize_embedding=True, regularized={"weight_decay": 0.1},
-                                 free={"weight_decay": 0.0})
+        groups, _ = decay_param_groups(model, weight_decay=0.1, regularize_embedding=True)
         return torch.optim.AdamW(groups, lr=1e-3, foreach=foreach)
 
     def ours():

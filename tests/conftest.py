@@ -38,6 +38,24 @@ def mlflow_runs(uri: str, experiment: str):
     return parents, children
 
 
+def run_smoke_study(tmp_path_factory, name: str):
+    """``studies run NAME --scale smoke`` in a fresh storage dir; (study dir, trials, curves)."""
+    import pandas as pd
+
+    storage = tmp_path_factory.mktemp(name)
+    proc = run_cli("run", name, "--scale", "smoke", "--storage", str(storage), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sdir = storage / f"{name}-smoke"
+    return sdir, pd.read_parquet(sdir / "trials.parquet"), pd.read_parquet(sdir / "curves.parquet")
+
+
+def report_table(md: str, heading: str) -> dict[str, list[str]]:
+    """A report table under ``heading``: first column -> the other cells."""
+    block = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in block.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
+
+
 @pytest.fixture
 def cli():
     return run_cli

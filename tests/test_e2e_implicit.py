@@ -17,28 +17,13 @@ import re
 import pandas as pd
 import pytest
 
-from tests.conftest import mlflow_runs, run_cli
+from tests.conftest import mlflow_runs, report_table, run_smoke_study
 
 BEST, FINAL = "test/accuracy_best", "test/accuracy"
 
 
 def get_study(name: str):
     return importlib.import_module(f"studies.{name}").STUDY  # this study only, not the whole catalog
-
-
-def _run(tmp_path_factory, name: str):
-    storage = tmp_path_factory.mktemp(name)
-    proc = run_cli("run", name, "--scale", "smoke", "--storage", str(storage), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sdir = storage / f"{name}-smoke"
-    return sdir, pd.read_parquet(sdir / "trials.parquet"), pd.read_parquet(sdir / "curves.parquet")
-
-
-def _pivot(md: str, heading: str) -> dict[str, list[str]]:
-    """A report table under ``heading``: first column -> the other cells."""
-    block = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    lines = [ln for ln in block.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
 
 
 def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) -> None:
@@ -66,7 +51,7 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
     assert {c.data.tags["cell"] for c in children} == set(cells)
 
     md = (sdir / "report" / "report.md").read_text()
-    table = _pivot(md, "Published table: ours (published)")
+    table = report_table(md, "Published table: ours (published)")
     header = table.pop("")
     assert header == list(dict.fromkeys(c.col for c in study.cells))
     multi = {m for c in study.cells for m in c.published} == {BEST, FINAL}
@@ -75,7 +60,7 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
             label = f"{c.row} ({'best' if metric == BEST else 'final'})" if multi else c.row
             text = table[label][header.index(c.col)]
             assert re.fullmatch(rf"\d+\.\d\d \({pub.value:g}\)", text), (c.name, text)
-    configs = _pivot(md, "Hyperparameters: best found (published)")
+    configs = report_table(md, "Hyperparameters: best found (published)")
     for c in study.cells:
         text = configs[c.row][configs[""].index(c.col)]
         assert re.search(rf"(^|, )lr=[0-9.e+-]+ \({c.published_config['lr']:.3g}\)", text), (c.name, text)
@@ -84,7 +69,7 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
 # --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def grafting(tmp_path_factory):
-    return _run(tmp_path_factory, "implicit_grafting")
+    return run_smoke_study(tmp_path_factory, "implicit_grafting")
 
 
 def test_implicit_grafting(grafting):
@@ -116,37 +101,37 @@ def test_exter_graft_trials_grafted_the_stored_sgd_norm(grafting):
 
 # --------------------------------------------------------------------------
 def test_implicit_main(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "implicit_main")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "implicit_main")
     check_common("implicit_main", sdir, trials, curves)
     assert len(trials) == 17
     assert "unit_jacobian" not in set(trials.loc[trials["task"] == "cifar10_vgg11", "method"])
-    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    table = report_table((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
     assert table["VGG-11/CIFAR10"][-1] == "N/A"  # the paper has no VGG-11 x UJ cell
     assert table[""] == ["SB SGD", "LB SGD", "LB + GN", "LB + FT", "LB + AJ", "LB + UJ"]
-    configs = _pivot((sdir / "report" / "report.md").read_text(), "Hyperparameters: best found (published)")
+    configs = report_table((sdir / "report" / "report.md").read_text(), "Hyperparameters: best found (published)")
     assert "reg_lambda=" in configs["ResNet-18/CIFAR100"][4] and "(5e-05)" in configs["ResNet-18/CIFAR100"][4]
     penalized = trials[trials["method"].isin(["grad_norm", "fisher_trace", "avg_jacobian", "unit_jacobian"])]
     assert (penalized["final/reg/value"] > 0).all()  # the penalty R_k was computed
 
 
 def test_implicit_large_micro(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "implicit_large_micro")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "implicit_large_micro")
     check_common("implicit_large_micro", sdir, trials, curves)
     # the per-cell micro-batch size, shrunk with the smoke batch of 32
     assert trials["config/micro_batch_size"].tolist() == [16, 16, 16, 24]
     assert trials["method"].tolist() == ["grad_norm", "fisher_trace", "grad_norm", "grad_norm"]
-    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    table = report_table((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
     assert table[""] == ["Test Accuracy"] and "VGG-11/CIFAR10, LB + GN (mb size=2500)" in table
 
 
 def test_implicit_micro_sweep_reports_best_and_final(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "implicit_micro_sweep")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "implicit_micro_sweep")
     check_common("implicit_micro_sweep", sdir, trials, curves)
     gn = trials[trials["method"] == "grad_norm"]
     assert gn["config/micro_batch_size"].tolist() == [2, 4, 16, 24]
     sgd = trials[trials["method"] == "sgd"].set_index("cell")["config/lr"]
     assert 0.075 <= sgd["cifar10_vgg11-sgd-lr0.15"] <= 0.3 and 0.005 <= sgd["cifar10_vgg11-sgd-lr0.01"] <= 0.02
-    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    table = report_table((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
     assert set(table) == {"", "VGG-11/CIFAR10 (best)", "VGG-11/CIFAR10 (final)"}
     best, final = table["VGG-11/CIFAR10 (best)"], table["VGG-11/CIFAR10 (final)"]
     assert best[0].endswith("(78.19)") and final[0].endswith("(77.56)")
@@ -158,7 +143,7 @@ def test_implicit_micro_sweep_reports_best_and_final(tmp_path_factory):
 
 
 def test_cpr_cifar100(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "cpr_cifar100")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "cpr_cifar100")
     check_common("cpr_cifar100", sdir, trials, curves)
     by_cell = trials.set_index("cell")
     assert by_cell["config/kappa_init_method"].dropna().to_dict() == {
@@ -167,6 +152,6 @@ def test_cpr_cifar100(tmp_path_factory):
     assert by_cell.loc["adamcpr-warm_start", "config/kappa_init_param"] == 2  # smoke: the constraint starts at step 2
     assert by_cell.loc["adamcpr-dependent", "config/kappa_init_param"] == pytest.approx(8.0)  # Optuna's first point
     assert by_cell.loc["adamw", "config/weight_decay"] == pytest.approx(1e-3)
-    table = _pivot((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
+    table = report_table((sdir / "report" / "report.md").read_text(), "Published table: ours (published)")
     assert table[""] == ["AdamW", "Adam + Rescaling", "AdamCPR warm start", "AdamCPR dependent", "AdamCPR Kappa-IP"]
     assert [t.split("(")[1] for t in table["ResNet-18/CIFAR-100"]] == ["74.9)", "74.7)", "76.6)", "76.4)", "76.3)"]

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from regtune.report_speedup import speedup
-from tests.conftest import mlflow_runs, run_cli
+from tests.conftest import mlflow_runs, report_table, run_smoke_study
 
 # study -> the (task, method) pairs it must have run, in order (written out here, not read from the spec)
 EXPECTED = {
@@ -44,21 +44,6 @@ PUBLISHED = {  # every published number the report's table must show, in parenth
     "ire_llama": [2.1, 2.3, 2.1],
     "cpr_gpt2": [18.23, 18.02, 17.94],
 }
-
-
-def _run(tmp_path_factory, name: str):
-    storage = tmp_path_factory.mktemp(name)
-    proc = run_cli("run", name, "--scale", "smoke", "--storage", str(storage), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sdir = storage / f"{name}-smoke"
-    return sdir, pd.read_parquet(sdir / "trials.parquet"), pd.read_parquet(sdir / "curves.parquet")
-
-
-def _table(md: str, heading: str) -> dict[str, list[str]]:
-    """A report table under ``heading``: first column -> the other cells."""
-    block = md.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    lines = [ln for ln in block.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
 
 
 def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) -> str:
@@ -89,7 +74,7 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
     assert {c.data.tags["cell"] for c in children} == {c.name for c in study.cells}
 
     md = (sdir / "report" / "report.md").read_text()
-    table = _table(md, "Published table: ours (published)")
+    table = report_table(md, "Published table: ours (published)")
     header = table.pop("")
     assert header == list(dict.fromkeys(c.col for c in study.cells))
     assert list(table) == list(dict.fromkeys(c.row for c in study.cells))
@@ -121,7 +106,7 @@ def check_speedups(md: str, trials: pd.DataFrame, curves: pd.DataFrame, tasks: l
 
 # --------------------------------------------------------------------------
 def test_ire_cifar(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "ire_cifar")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_cifar")
     md = check_common("ire_cifar", sdir, trials, curves)
     assert (trials["config/momentum"] == 0.9).all() and (trials["config/weight_decay"] == 5e-4).all()
     assert trials["final/test/accuracy"].between(0, 1).all()
@@ -130,7 +115,7 @@ def test_ire_cifar(tmp_path_factory):
 
 
 def test_ire_vit_cifar100(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "ire_vit_cifar100")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_vit_cifar100")
     check_common("ire_vit_cifar100", sdir, trials, curves)
     sam = trials[trials["method"].isin(["sam", "sam_ire"])]
     assert (sam["config/sam_base"] == "adamw").all() and len(sam) == 4
@@ -138,16 +123,16 @@ def test_ire_vit_cifar100(tmp_path_factory):
 
 
 def test_ire_imagenet(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "ire_imagenet")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_imagenet")
     md = check_common("ire_imagenet", sdir, trials, curves)
     assert trials["final/val/accuracy"].between(0, 1).all()
-    table = _table(md, "Published table: ours (published)")
+    table = report_table(md, "Published table: ours (published)")
     assert table["SGD"][1] == "N/A" and table["AdamW"][0] == "N/A"  # Tables 2 and 4 side by side
     assert len(list((sdir / "data" / "imagenet" / "train").iterdir())) == 4
 
 
 def test_ire_wikitext2(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "ire_wikitext2")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_wikitext2")
     md = check_common("ire_wikitext2", sdir, trials, curves)
     assert "## Speed-up over the baseline" in md
     check_speedups(md, trials, curves, ["wikitext2_transformer"])
@@ -156,25 +141,25 @@ def test_ire_wikitext2(tmp_path_factory):
 
 
 def test_ire_llama(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "ire_llama")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_llama")
     md = check_common("ire_llama", sdir, trials, curves)
     tasks = ["wikitext103_llama60m", "minipile_llama119m", "openwebtext_llama229m"]
     check_speedups(md, trials, curves, tasks)
     # the published table puts our ratio beside the paper's in the IRE row
-    row = _table(md, "Published table: ours (published)")["AdamW-IRE: speed-up over AdamW (x)"]
+    row = report_table(md, "Published table: ours (published)")["AdamW-IRE: speed-up over AdamW (x)"]
     for text, pub in zip(row, (2.1, 2.3, 2.1)):
         assert re.fullmatch(rf"(\d+(\.\d+)?|-) \({pub:g}\)", text), text
 
 
 def test_cpr_gpt2(tmp_path_factory):
-    sdir, trials, curves = _run(tmp_path_factory, "cpr_gpt2")
+    sdir, trials, curves = run_smoke_study(tmp_path_factory, "cpr_gpt2")
     md = check_common("cpr_gpt2", sdir, trials, curves)
     assert trials["final/val/perplexity"].to_numpy() == pytest.approx(trials["final/val/loss"].map(math.exp))
     cpr = trials.set_index("cell")
     assert cpr.loc["adamcpr_warm_start", "config/kappa_init_method"] == "warm_start"
     assert cpr.loc["adamcpr_warm_start", "config/kappa_init_param"] == 12  # the smoke scale's override
     assert cpr.loc["adamcpr_inflection_point", "config/reg_step_size"] == 1
-    table = _table(md, "Best configuration per cell")
+    table = report_table(md, "Best configuration per cell")
     col = table["cell"].index("val/perplexity")
     for cell, row in cpr.iterrows():
         assert table[cell][col] == f"{row['final/val/perplexity']:.4g}"

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from regtune.methods import WEIGHT_DECAY, Method, lr_hp, register_method
-from regtune.optim import param_groups
+from regtune.optim import decay_param_groups
 from regtune.space import HParam, LogUniform
 
 SGD_HPARAMS = (
@@ -28,12 +28,8 @@ SGD_LR_SPACE = LogUniform(1e-3, 1.0)
 
 def sgd_optimizer(model, c: Mapping[str, Any]):
     """torch SGD with L2 weight decay on the regularized tensors only."""
-    groups, summary = param_groups(
-        model,
-        regularize_embedding=c["regularize_embedding"],
-        regularized={"weight_decay": c["weight_decay"]},
-        free={"weight_decay": 0.0},
-    )
+    groups, summary = decay_param_groups(model, weight_decay=c["weight_decay"],
+                                         regularize_embedding=c["regularize_embedding"])
     opt = torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"], nesterov=c["nesterov"] and c["momentum"] > 0)
     return opt, summary
 

@@ -22,18 +22,14 @@ from regtune.methods import (
     lr_hp,
     register_method,
 )
-from regtune.optim import AdamCPR, AdamRescale, cpr_param_groups, param_groups
+from regtune.optim import AdamCPR, AdamRescale, cpr_param_groups, decay_param_groups
 from regtune.optim.adamcpr import KAPPA_INIT_METHODS, REG_FUNCTIONS
 from regtune.space import ConfigError, HParam, LogUniform
 
 
 def build_adamw(model, c: Mapping[str, Any]):
-    groups, summary = param_groups(
-        model,
-        regularize_embedding=c["regularize_embedding"],
-        regularized={"weight_decay": c["weight_decay"]},
-        free={"weight_decay": 0.0},
-    )
+    groups, summary = decay_param_groups(model, weight_decay=c["weight_decay"],
+                                         regularize_embedding=c["regularize_embedding"])
     return torch.optim.AdamW(groups, **_adam_kwargs(c)), summary
 
 

@@ -71,6 +71,16 @@ def param_groups(
     return groups, split.summary()
 
 
+def decay_param_groups(model: nn.Module, *, weight_decay: float, regularize_embedding: bool):
+    """Groups for a decoupled/L2 weight-decay optimizer: ``weight_decay`` on regularized tensors, 0 on free ones."""
+    return param_groups(
+        model,
+        regularize_embedding=regularize_embedding,
+        regularized={"weight_decay": weight_decay},
+        free={"weight_decay": 0.0},
+    )
+
+
 def cpr_param_groups(model: nn.Module, *, regularize_embedding: bool = False):
     """Groups with the ``regularize`` flag that ``AdamCPR`` and ``AdamRescale`` read."""
     return param_groups(
