@@ -20,6 +20,7 @@ Contract of a ``TaskInstance`` (what the training loop and the methods use):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
@@ -103,6 +104,11 @@ def task_names() -> list[str]:
 def _load_builtin() -> None:
     # Importing the package registers every built-in task family.
     import regtune.tasks  # noqa: F401
+
+
+def maybe_bf16(enabled: bool):
+    """bf16 autocast on CUDA when ``enabled`` (tasks set it only for CUDA devices), else a no-op context."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -36,7 +36,6 @@ Sizes: ``paper`` and ``smoke`` (tiny models, 256 / 128 / 128 images written by
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +47,7 @@ from regtune.models.resnet_cifar56 import resnet56_cifar
 from regtune.models.vit import vit_cifar
 from regtune.models.wrn import wrn28_10
 from regtune.space import ConfigError, HParam
-from regtune.tasks.base import Task, register_task
+from regtune.tasks.base import Task, maybe_bf16, register_task
 from regtune.tasks.cifar import GPU_RESOURCES, CifarInstance, data_hparams
 
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
@@ -78,7 +77,7 @@ class AutocastCifarInstance(CifarInstance):
         self.autocast = bool(config["autocast_bf16"]) and device.type == "cuda"
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ctx = maybe_bf16(self.autocast)
         with ctx:
             return model(inputs)
 

@@ -26,7 +26,6 @@ narrow ViT, 3 steps, no worker processes).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +36,7 @@ from torch import nn
 from regtune.data.imagenet import ImageFolderData
 from regtune.models.vit import vit_s16
 from regtune.space import ConfigError, HParam
-from regtune.tasks.base import Task, evaluate_batches, register_task
+from regtune.tasks.base import Task, evaluate_batches, maybe_bf16, register_task
 
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
              "NeurIPS 2024, arXiv:2405.20763")
@@ -62,7 +61,7 @@ class ImageNetInstance:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ctx = maybe_bf16(self.autocast)
         with ctx:
             return model(inputs)
 

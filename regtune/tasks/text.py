@@ -29,7 +29,6 @@ one GPU, which the training step (not the task) would provide.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -43,7 +42,7 @@ from regtune.data.text import TOKENIZERS, eval_starts, load_tokens, token_dir, t
 from regtune.models.hf_lm import GPT2_SMALL, LLAMA_PRESETS, build_gpt2, build_llama
 from regtune.models.small_lm import SmallTransformerLM
 from regtune.space import ConfigError, HParam
-from regtune.tasks.base import Task, evaluate_batches, register_task
+from regtune.tasks.base import Task, evaluate_batches, maybe_bf16, register_task
 
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization,"
              " NeurIPS 2024, arXiv:2405.20763")
@@ -97,7 +96,7 @@ class TextLMInstance:
         return self._to_device(*window_batch(tokens, starts, self.context))
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ctx = maybe_bf16(self.autocast)
         with ctx:
             if self.arch == "small":
                 return model(inputs)
