@@ -6,15 +6,15 @@ table splits the wall time with those timestamps and with each trial's ``result.
 ``time_total_s``: the trial function's own clock) and ``trials.parquet`` (``seconds``: optimizer steps only):
 
 * CLI start: interpreter, imports, config checks, until "starting local Ray";
-* Ray start: until the first cell's log line;
-* Tuner setup per cell: from the cell's line to its first "Trial ... started";
+* Ray start: until the first stage's log line (the cells of a stage run in one Tune experiment);
+* Tuner setup per stage: from the stage's line to its first "Trial ... started";
 * trial start/stop in Tune: a trial's wall time between Tune's "started" and "completed" lines minus its
-  time_total_s (a new worker process and its imports for the first trial of a cell, actor reuse after that);
+  time_total_s (a new worker process and its imports for the first trials, actor reuse after that);
 * training: the ``seconds`` column (the figure the target is relative to);
 * in the trial but not training: building the task and model, evaluation, checkpoints, reports
   (time_total_s - seconds);
 * between trials and after the last one: Tune's bookkeeping, MLflow logging in callbacks, experiment-state
-  snapshots, Parquet export after each cell;
+  snapshots, Parquet export after each stage;
 * report + MLflow artifacts + shutdown: from the last trial's end to process exit.
 
 MLflow logging and checkpoint writes are also timed in isolation (the same calls, in this process) and
@@ -40,7 +40,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 STARTED = re.compile(r"^Trial (\S+) started with configuration")
 FINISHED = re.compile(r"^Trial (\S+) (completed|errored) after")
-CELL = re.compile(r"^\[(\w+)\] \S+ x \S+: \d+ trials")
+STAGE = re.compile(r"^\[(stage\d+)\] \d+ cells, \d+ trials in one Tune experiment")
 
 
 def run_study(storage: Path, max_concurrent: int, num_samples: int,
@@ -115,16 +115,18 @@ def main() -> None:
         sdir = storage / "cpr_grokking-smoke"
         trials = pd.read_parquet(sdir / "trials.parquet")
         totals, reports = {}, 0
-        for f in (sdir / "tune").glob("*/*/result.json"):
+        for f in (sdir / "tune").glob("stage*/*/result.json"):
             rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            totals[f.parent.name] = rows[-1]["time_total_s"]
+            totals[rows[-1]["trial_id"]] = rows[-1]["time_total_s"]
             reports += len(rows)
     t_ray = first(lines, lambda s: s.startswith("starting local Ray"))
-    t_cell0 = first(lines, lambda s: CELL.match(s) is not None)
-    starts = {m.group(1): t for t, s in lines if (m := STARTED.match(s))}
-    ends = {m.group(1): t for t, s in lines if (m := FINISHED.match(s))}
-    cells = [(t, CELL.match(s).group(1)) for t, s in lines if CELL.match(s)]
-    setup = sum(min(starts[n] for n in starts if n.startswith(c + "_")) - t for t, c in cells)
+    t_stage0 = first(lines, lambda s: STAGE.match(s) is not None)
+    # Tune prints trials as <trainable>_<trial id>
+    starts = {m.group(1).rsplit("_", 1)[-1]: t for t, s in lines if (m := STARTED.match(s))}
+    ends = {m.group(1).rsplit("_", 1)[-1]: t for t, s in lines if (m := FINISHED.match(s))}
+    stages = [t for t, s in lines if STAGE.match(s)]
+    bounds = stages[1:] + [float("inf")]
+    setup = sum(min(starts[n] for n in starts if t <= starts[n] < end) - t for t, end in zip(stages, bounds))
     in_tune = sum(ends[n] - starts[n] for n in starts if n in ends)
     startup = sum(ends[n] - starts[n] - totals.get(n, 0.0) for n in starts if n in ends)
     train = float(trials["seconds"].sum())
@@ -132,13 +134,13 @@ def main() -> None:
     t_done = first(lines, lambda s: "done" in s and s.startswith("study "))
     last_end = max(ends.values())
     tail = wall - last_end
-    between = (last_end - t_cell0) - setup - in_tune
+    between = (last_end - t_stage0) - setup - in_tune
     if args.max_concurrent > 1:
         between = max(0.0, between)  # overlapping trials: the sums above exceed the elapsed time
     rows = [
         ("CLI start (imports, checks)", t_ray),
-        ("Ray start", t_cell0 - t_ray),
-        (f"Tuner setup ({len(cells)} cells)", setup),
+        ("Ray start, MLflow store, searchers", t_stage0 - t_ray),
+        (f"Tuner setup ({len(stages)} stage experiments)", setup),
         (f"trial start/stop in Tune ({len(starts)} trials: actor start or reuse, until its clock starts)", startup),
         ("training (trials.parquet `seconds`)", train),
         (f"in-trial task build + eval + checkpoints + reports ({reports} reports)", in_trial),

@@ -1,9 +1,10 @@
-"""The study driver: one Tune experiment per cell (ASHA + Optuna + MLflow), then
-Parquet export and the report. All Ray Tune calls of the driver live here.
+"""The study driver: one Tune experiment per stage of cells (per-cell ASHA + Optuna,
+MLflow; see ``studies.stage``), then Parquet export and the report. All Ray Tune
+calls of the driver live here.
 
 Layout of a study run (``<storage>/<study>-<scale>/``)::
 
-    tune/<cell>/...        Ray Tune experiments (restored when run again)
+    tune/stage<k>/<cell>_<trial id>/   Ray Tune experiments (restored when run again)
     mlflow.db              the default embedded MLflow store (sqlite)
     mlartifacts/           MLflow artifacts of that store
     trials.parquet         one row per trial
@@ -12,8 +13,8 @@ Layout of a study run (``<storage>/<study>-<scale>/``)::
     driver.lock            held by the running driver (studies/guard.py: one driver per study dir)
     tune/.abandoned/       trial dirs of a killed run that the resumed experiment does not own
 
-Running the same command again resumes: finished cells are skipped, an
-interrupted cell is restored with ``Tuner.restore`` (finished trials stay
+Running the same command again resumes: finished stages are skipped, an
+interrupted stage is restored with ``Tuner.restore`` (finished trials stay
 finished, running ones continue from their last checkpoint), and MLflow runs
 are reused, never duplicated.
 """
@@ -33,9 +34,9 @@ from regtune.report import build_report
 from regtune.results import curve_rows, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
 from studies import guard
-from studies.spec import Cell, Study, cell_configs, check_study, sample_point
+from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
-DONE_FILE = "cell_done.json"
+DONE_FILE = "stage_done.json"
 
 
 def study_dir(storage: str | os.PathLike, study: Study, scale: str) -> Path:
@@ -61,16 +62,27 @@ def _read_reports(result_file: Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def collect_cell(study: Study, scale: str, cell: Cell, exp_dir: Path, budget: int, searched: list[str]):
+def trial_dirs(sdir: Path) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """cell name -> [(trial dir, its params.json)] over the study's stage experiments (set-aside dirs excluded)."""
+    out: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for params_file in sorted((sdir / "tune").glob("stage*/*/params.json")):
+        params = json.loads(params_file.read_text())
+        cell = (params.get("__extras") or {}).get("cell")
+        if cell:
+            out.setdefault(cell, []).append((params_file.parent, params))
+    return out
+
+
+def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, dict[str, Any]]], budget: int,
+                 searched: list[str]):
     task = get_task(cell.task)
     trials, curves = [], []
-    for params_file in sorted(exp_dir.glob("*/params.json")):
-        tdir = params_file.parent
+    for tdir, params in dirs:
         reports = _read_reports(tdir / "result.json")
         if not reports:
             continue
         trial_id = reports[-1].get("trial_id") or tdir.name
-        config = {k: v for k, v in json.loads(params_file.read_text()).items() if not k.startswith("__")}
+        config = {k: v for k, v in params.items() if not k.startswith("__")}
         pub = cell.published.get(task.metric.replace("val/", "test/")) or next(iter(cell.published.values()), None)
         meta = {
             "study": study.name, "scale": scale, "cell": cell.name, "cell_index": study.cells.index(cell),
@@ -94,8 +106,9 @@ def collect_cell(study: Study, scale: str, cell: Cell, exp_dir: Path, budget: in
 
 def export(study: Study, scale: str, sdir: Path, plans: list[tuple[Cell, int, list[str]]]) -> tuple[Path, Path]:
     trials, curves = [], []
+    dirs = trial_dirs(sdir)
     for cell, budget, searched in plans:
-        t, c = collect_cell(study, scale, cell, sdir / "tune" / cell.name, budget, searched)
+        t, c = collect_cell(study, scale, cell, dirs.get(cell.name, []), budget, searched)
         trials += t
         curves += c
     return write_tables(trials, curves, sdir)
@@ -132,10 +145,6 @@ def cell_budget(cell: Cell, fixed: Mapping[str, Any], searched: Mapping[str, Any
     return resolved["steps"], resolved["eval_every"]
 
 
-def _trial_dirname(trial) -> str:
-    return f"{trial.trainable_name}_{trial.trial_id}"
-
-
 def _resources(study: Study, cell: Cell, scale: str) -> dict[str, float]:
     """The trial's request, fitted to the cluster: no GPU asked where there is none
     (the same study runs on a CPU laptop), never more CPUs than the cluster has."""
@@ -152,69 +161,99 @@ def _resources(study: Study, cell: Cell, scale: str) -> dict[str, float]:
     return res
 
 
-def run_cell(
-    study: Study, scale: str, cell: Cell, index: int, sdir: Path, tracker, *,
-    extra: Mapping[str, Any], num_samples: int, max_concurrent: int, seed: int, log: Callable[[str], None],
-    overrides: Mapping[str, Any] | None = None,
-) -> None:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
+def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mapping[str, Any],
+              num_samples: int, seed: int, overrides: Mapping[str, Any] | None = None):
+    """The cell's part of its stage's experiment: fixed config, Tune domains, points, metric, ASHA budget."""
     import trainables
+    from studies.stage import CellPlan
 
-    exp_dir = sdir / "tune" / cell.name
-    if (exp_dir / DONE_FILE).exists():
-        log(f"[{cell.name}] already finished, skipping")
-        return
     sc = study.scales[scale]
     task = get_task(cell.task)
     fixed, searched = cell_configs(study, cell, scale, extra, overrides)
     fixed.setdefault("seed", seed)
     fixed["__extras"] = {"study_dir": str(sdir), "cell": cell.name, "needs": list(cell.needs)}
+    fixed[trainables.METHOD_KEY] = cell.method
     budget, eval_every = cell_budget(cell, fixed, searched)
-    trainable = tune.with_resources(trainables.get(cell.method), _resources(study, cell, scale))
-    callbacks = [tracker.callback(cell.name, {"study": study.name, "scale": scale, "method": cell.method,
-                                              "task": cell.task})]
+    grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
+    # a point keeps its searched keys (a key fixed at this scale or by --set is left out);
+    # OptunaSearch needs every searched key in a point
+    points = [q for q in ({k: v for k, v in p.items() if k in searched} for p in cell.points)
+              if q and set(q) == set(searched)]
+    return CellPlan(
+        name=cell.name, fixed=fixed, searched={k: trainables.to_tune(v) for k, v in searched.items()},
+        points=points, metric=task.metric, mode=task.mode, seed=seed + study.cells.index(cell),
+        num_samples=num_samples, budget=budget, grace=min(grace, budget), reduction_factor=sc.reduction_factor,
+        resources=_resources(study, cell, scale),
+    )
+
+
+def _trial_dirname(trial) -> str:
+    from studies.stage import cell_of
+
+    return f"{cell_of(trial.config)}_{trial.trial_id}"
+
+
+def run_stage(
+    study: Study, scale: str, name: str, cells: list[Cell], sdir: Path, tracker, *,
+    extra: Mapping[str, Any], num_samples: int, max_concurrent: int, seed: int, log: Callable[[str], None],
+    overrides: Mapping[str, Any] | None = None,
+) -> None:
+    """Run (or resume) the cells of one stage as one Tune experiment in ``tune/<name>``."""
+    # a snapshot per checkpoint is what makes a killed driver resumable (num_to_keep): not worth a warning
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray import tune
+
+    import trainables
+    from studies.stage import CellScheduler, CellSearch, cell_of
+
+    exp_dir = sdir / "tune" / name
+    if (exp_dir / DONE_FILE).exists():
+        log(f"[{name}] already finished, skipping ({', '.join(c.name for c in cells)})")
+        return
+    plans = [cell_plan(study, scale, c, sdir, extra=extra, num_samples=num_samples, seed=seed, overrides=overrides)
+             for c in cells]
+    table = {p.name: p.resources for p in plans}
+
+    def resources(config: dict):  # each cell's request (cells of a stage may differ)
+        r = table[cell_of(config)]
+        return tune.PlacementGroupFactory([{"CPU": r["cpu"], "GPU": r.get("gpu", 0)}])
+
+    trainable = tune.with_resources(trainables.by_config(study.name), resources)
+    callbacks = [tracker.callback(name, {"study": study.name, "scale": scale})]
+    total = num_samples * len(plans)
     tuner = None
     if tune.Tuner.can_restore(str(exp_dir)):  # only ever the study's own experiment dir
-        log(f"[{cell.name}] resuming the interrupted experiment in {exp_dir}")
+        log(f"[{name}] resuming the interrupted experiment in {exp_dir}")
         try:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-        except Exception as e:  # noqa: BLE001 - e.g. killed before its first trial: start the cell again
-            log(f"[{cell.name}] cannot restore ({type(e).__name__}: {e}); starting the cell again")
+        except Exception as e:  # noqa: BLE001 - e.g. killed before its first trial: start the stage again
+            log(f"[{name}] cannot restore ({type(e).__name__}: {e}); starting the stage again")
     if tuner is None:
-        guard.start_fresh(exp_dir, num_samples, tracker, cell.name, log)
-        grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
-        scheduler = ASHAScheduler(time_attr="step", max_t=budget, grace_period=min(grace, budget),
-                                  reduction_factor=sc.reduction_factor)
-        # a point keeps its searched keys (a key fixed at this scale or by --set is left out);
-        # OptunaSearch needs every searched key in a point
-        points = [q for q in ({k: v for k, v in p.items() if k in searched} for p in cell.points)
-                  if q and set(q) == set(searched)]
-        search = OptunaSearch(seed=seed + index, points_to_evaluate=points or None)
+        guard.start_fresh(exp_dir, total, tracker, name, log)
         tuner = tune.Tuner(
             trainable,
-            param_space={**fixed, **{k: trainables.to_tune(v) for k, v in searched.items()}},
+            param_space={},  # every config comes from CellSearch: the cell's fixed values + its searcher's
             tune_config=tune.TuneConfig(
-                metric=task.metric, mode=task.mode, scheduler=scheduler, search_alg=search,
-                num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                scheduler=CellScheduler(plans), search_alg=CellSearch(plans),
+                num_samples=total, max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=_trial_dirname, reuse_actors=True,  # no new process per trial
             ),
             run_config=tune.RunConfig(
-                name=cell.name,
+                name=name,
                 storage_path=str(sdir / "tune"),
                 callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=sc.max_failures),
+                failure_config=tune.FailureConfig(max_failures=study.scales[scale].max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 verbose=1,
             ),
         )
-    log(f"[{cell.name}] {cell.task} x {cell.method}: {num_samples} trials, budget {budget} steps, "
-        f"searching {', '.join(searched) or 'nothing'}")
+    for cell, p in zip(cells, plans):
+        log(f"[{cell.name}] {cell.task} x {cell.method}: {num_samples} trials, budget {p.budget} steps, "
+            f"searching {', '.join(p.searched) or 'nothing'}")
+    log(f"[{name}] {len(cells)} cells, {total} trials in one Tune experiment, up to {max_concurrent} at a time")
     with guard.SignalWatch() as watch:  # Ctrl-C/SIGTERM: Tune saves its state and fit() returns early
         results = tuner.fit()
-    names = guard.settle_cell(results, exp_dir, tracker, cell.name, log, interrupted=watch.hit)
+    names = guard.settle_stage(results, exp_dir, tracker, name, log, interrupted=watch.hit)
     errors = [r.error for r in results if r.error is not None]
     (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors), "dirs": names}))
 
@@ -258,12 +297,14 @@ def run_study(
     tracker.log_params({"scale": scale, "num_samples": n, "max_concurrent": conc, "seed": seed})
     plans = []
     try:
-        for i, cell in enumerate(study.cells):
-            fixed, searched = cell_configs(study, cell, scale, extra, overrides)
-            plans.append((cell, cell_budget(cell, fixed, searched)[0], sorted(searched)))
-            run_cell(study, scale, cell, i, sdir, tracker, extra=extra, num_samples=n,
-                     max_concurrent=conc, seed=seed, log=log, overrides=overrides)
-            export(study, scale, sdir, plans)
+        groups = stages(study)
+        for k, cells in enumerate(groups, start=1):
+            for cell in cells:
+                fixed, searched = cell_configs(study, cell, scale, extra, overrides)
+                plans.append((cell, cell_budget(cell, fixed, searched)[0], sorted(searched)))
+            run_stage(study, scale, f"stage{k}", cells, sdir, tracker, extra=extra, num_samples=n,
+                      max_concurrent=conc, seed=seed, log=log, overrides=overrides)
+            export(study, scale, sdir, plans)  # later stages read these results (external grafting)
         paths = make_report(study, scale, sdir)
         tracker.log_artifacts([*paths, sdir / "trials.parquet", sdir / "curves.parquet"])
         tracker.finish("FINISHED")

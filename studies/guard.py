@@ -205,8 +205,8 @@ def ray_session_dir() -> str | None:
 
 
 # --------------------------------------------------------------------------
-# one cell's Tune experiment: fresh start, restore, and settling after fit()
-PLAN_FILE = "cell_plan.json"
+# one stage's Tune experiment: fresh start, restore, and settling after fit()
+PLAN_FILE = "stage_plan.json"
 ABANDONED = ".abandoned"
 
 
@@ -215,7 +215,12 @@ def _trial_dirs(exp_dir: Path) -> list[Path]:
 
 
 def _trial_id(trial_dir: Path) -> str:
-    return trial_dir.name.rsplit("_", 1)[-1]  # the driver names trial dirs <trainable>_<trial_id>
+    """The trial id in a trial dir's name ``<cell>_<trial_id>`` (the cell's name may hold underscores)."""
+    try:
+        cell = json.loads((trial_dir / "params.json").read_text())["__extras"]["cell"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return trial_dir.name.rsplit("_", 1)[-1]
+    return trial_dir.name[len(cell) + 1:]
 
 
 def _move_aside(trial_dirs: list[Path], exp_dir: Path) -> None:
@@ -226,14 +231,14 @@ def _move_aside(trial_dirs: list[Path], exp_dir: Path) -> None:
         os.replace(d, dest / f"{d.name}.{stamp}")
 
 
-def start_fresh(exp_dir: Path, num_samples: int, tracker, cell: str, log: Callable[[str], None]) -> None:
+def start_fresh(exp_dir: Path, num_samples: int, tracker, stage: str, log: Callable[[str], None]) -> None:
     """Before a new experiment: set aside trial dirs (and MLflow runs) of a run that died before Tune saved
-    a restorable state, and record how many trials the cell plans."""
+    a restorable state, and record how many trials the stage plans."""
     stale = _trial_dirs(exp_dir)
     if stale:
-        log(f"[{cell}] setting aside {len(stale)} trial dirs of an earlier run with no restorable state")
+        log(f"[{stage}] setting aside {len(stale)} trial dirs of an earlier run with no restorable state")
         _move_aside(stale, exp_dir)
-    tracker.settle_runs(cell, {})
+    tracker.settle_runs(stage, {})
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / PLAN_FILE).write_text(json.dumps({"num_samples": num_samples}))
 
@@ -264,7 +269,7 @@ class SignalWatch:
                 signal.signal(s, prev)
 
 
-def settle_cell(results, exp_dir: Path, tracker, cell: str, log: Callable[[str], None],
+def settle_stage(results, exp_dir: Path, tracker, stage: str, log: Callable[[str], None],
                 interrupted: bool = False) -> list[str]:
     """After ``tuner.fit()``: raise ``KeyboardInterrupt`` if it was interrupted (a signal, or fewer trials
     than planned); else set aside trial dirs the final experiment does not own (started after Tune's last
@@ -273,7 +278,7 @@ def settle_cell(results, exp_dir: Path, tracker, cell: str, log: Callable[[str],
     plan = exp_dir / PLAN_FILE
     expected = json.loads(plan.read_text()).get("num_samples", 0) if plan.exists() else 0
     if interrupted or len(results) < expected:
-        log(f"[{cell}] interrupted with {len(results)} of {expected} trials started; its state is saved")
+        log(f"[{stage}] interrupted with {len(results)} of {expected} trials started; its state is saved")
         raise KeyboardInterrupt
     statuses, names = {}, []
     for r in results:
@@ -282,7 +287,7 @@ def settle_cell(results, exp_dir: Path, tracker, cell: str, log: Callable[[str],
         statuses[(r.metrics or {}).get("trial_id") or _trial_id(tdir)] = "FAILED" if r.error else "FINISHED"
     ghosts = [d for d in _trial_dirs(exp_dir) if d.name not in names]
     if ghosts:
-        log(f"[{cell}] setting aside {len(ghosts)} trial dirs that the restored experiment does not own")
+        log(f"[{stage}] setting aside {len(ghosts)} trial dirs that the restored experiment does not own")
         _move_aside(ghosts, exp_dir)
-    tracker.settle_runs(cell, statuses)
+    tracker.settle_runs(stage, statuses)
     return sorted(names)

@@ -180,6 +180,17 @@ def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = 
             resolve_config(cell.method, {**fixed, **point})
 
 
+def stages(study: Study) -> list[list[Cell]]:
+    """The cells grouped so that every cell runs in a later stage than the cells it needs (cell order kept)."""
+    level: dict[str, int] = {}
+    for cell in study.cells:  # check_study guarantees needs name earlier cells
+        level[cell.name] = 1 + max((level[n] for n in cell.needs), default=-1)
+    out: list[list[Cell]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for cell in study.cells:
+        out[level[cell.name]].append(cell)
+    return out
+
+
 def published_domain(value: float, factor: float = 10.0) -> Domain:
     """A log-uniform range centred (in log space) on a published value."""
     return LogUniform(value / factor, value * factor)

@@ -68,11 +68,13 @@ class StudyTracker:
         os.replace(tmp, marker)
         return run.info.run_id
 
-    def callback(self, cell: str, tags: dict[str, str]) -> NestedMLflowCallback:
+    def callback(self, stage: str, tags: dict[str, str]) -> NestedMLflowCallback:
+        """The MLflow callback of one stage's experiment; each trial run is also tagged with its cell,
+        method and task (from its config)."""
         return NestedMLflowCallback(
             tracking_uri=self.uri,
             experiment_name=self.experiment_name,
-            tags={"mlflow.parentRunId": self.parent_id, "cell": cell, **tags},
+            tags={"mlflow.parentRunId": self.parent_id, "stage": stage, **tags},
         )
 
     def log_artifacts(self, paths: list[Path], artifact_path: str = "report") -> None:
@@ -89,13 +91,13 @@ class StudyTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_id, status=status)
 
-    def settle_runs(self, cell: str, statuses: dict[str, str]) -> None:
-        """Make the cell's trial runs agree with Tune after a cell ends or restarts: a run whose trial is in
+    def settle_runs(self, stage: str, statuses: dict[str, str]) -> None:
+        """Make the stage's trial runs agree with Tune after a stage ends or restarts: a run whose trial is in
         ``statuses`` (trial_id -> FINISHED/FAILED) and still RUNNING is terminated with that status; a run of
         a trial Tune does not own (lost in a crash before Tune saved its state) is terminated and deleted."""
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.cell = '{cell}'",
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.stage = '{stage}'",
             max_results=10000,
         )
         for run in runs:
@@ -132,10 +134,17 @@ class NestedMLflowCallback(MLflowLoggerCallback):
                 client.update_run(run_id, status="RUNNING")
                 self._trial_runs[trial] = run_id
             else:
-                tags = {**self.tags, "trial_id": trial.trial_id, "trial_name": str(trial)}
+                tags = {**self.tags, **_trial_tags(trial.config), "trial_id": trial.trial_id, "trial_name": str(trial)}
                 run = self.mlflow_util.start_run(tags=tags, run_name=str(trial))
                 self._trial_runs[trial] = run.info.run_id
         self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=_loggable(trial.config))
+
+
+def _trial_tags(config: dict[str, Any]) -> dict[str, str]:
+    """cell / method / task of a study trial (the driver's inputs in its config)."""
+    tags = {"cell": (config.get("__extras") or {}).get("cell"), "method": config.get("__method"),
+            "task": config.get("task")}
+    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 def _loggable(config: dict[str, Any]) -> dict[str, Any]:

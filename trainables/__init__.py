@@ -135,3 +135,19 @@ def get(method: str) -> Callable[[dict], None]:
 
     trainable.__name__ = trainable.__qualname__ = method
     return trainable
+
+
+METHOD_KEY = "__method"
+
+
+def by_config(name: str = "regtune") -> Callable[[dict], None]:
+    """One trainable for several methods: each trial runs the method its config names under
+    ``__method`` (the study driver runs the cells of a stage, one method each, in one experiment)."""
+
+    def trainable(config: dict) -> None:
+        if METHOD_KEY not in config:
+            raise KeyError(f"config has no {METHOD_KEY!r} key naming the method to run")
+        run_trial(config[METHOD_KEY], config)
+
+    trainable.__name__ = trainable.__qualname__ = name
+    return trainable
