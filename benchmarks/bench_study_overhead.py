@@ -152,6 +152,13 @@ def main() -> None:
     print(f"{'where the wall time goes':88s} {'seconds':>8s} {'share':>6s}")
     for name, sec in rows:
         print(f"{name:88s} {sec:8.2f} {sec / wall:6.1%}")
+    print(f"{'trial':10s} {'cell':14s} {'started':>8s} {'ended':>8s} {'in Tune':>8s} {'clock':>8s} {'training':>8s}")
+    for _, t in trials.sort_values("trial_id").iterrows():
+        tid = t["trial_id"]
+        if tid in starts and tid in ends:
+            print(f"{tid:10s} {t['cell']:14s} {starts[tid]:8.1f} {ends[tid]:8.1f} {ends[tid] - starts[tid]:8.1f} "
+                  f"{totals.get(tid, float('nan')):8.1f} {t['seconds']:8.1f}")
+    print()
     accounted = sum(s for _, s in rows)
     print(f"{'(sum of rows; differs from wall when trials overlap)':88s} {accounted:8.2f}")
     print(f"\nwall / training = {wall / train:.2f}  ->  overhead {wall / train - 1:.0%} of training time "

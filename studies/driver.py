@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -136,6 +137,29 @@ def _init_ray(address: str | None, log: Callable[[str], None]) -> bool:
     log("starting local Ray")
     ray.init(include_dashboard=False, log_to_driver=True)
     return True
+
+
+def _in_background(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` in a thread; returns a function that waits for it and returns its value (or raises).
+    (Ray must start in the main thread: its processes die with the thread that started them.)"""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="regtune-setup", daemon=True)
+    thread.start()
+
+    def wait() -> Any:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return wait
 
 
 def cell_budget(cell: Cell, fixed: Mapping[str, Any], searched: Mapping[str, Any]) -> tuple[int, int]:
@@ -283,17 +307,24 @@ def run_study(
     lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind
     extra = dict(study.prepare(sdir, scale)) if study.prepare else {}
     np.random.seed(seed)  # ASHA's bracket draws on the driver
+    uri = mlflow_uri or default_tracking_uri(sdir)
+
+    def setup_tracking() -> StudyTracker:  # while Ray starts: the MLflow store, Tune's and Optuna's imports
+        import ray.tune.search.optuna  # noqa: F401
+
+        return StudyTracker(uri, f"regtune/{study.name}", sdir,
+                            tags={"study": study.name, "scale": scale, "study_run": f"{study.name}-{scale}"})
+
+    tracker_ready = _in_background(setup_tracking)
     if _init_ray(address, log):
         lock.record(ray_session=guard.ray_session_dir())
+    tracker = tracker_ready()
     guard.sigterm_as_sigint()
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n = num_samples or sc.num_samples
     conc = max_concurrent or sc.max_concurrent or max(1, cpus)
-    uri = mlflow_uri or default_tracking_uri(sdir)
-    tracker = StudyTracker(uri, f"regtune/{study.name}", sdir,
-                           tags={"study": study.name, "scale": scale, "study_run": f"{study.name}-{scale}"})
     tracker.log_params({"scale": scale, "num_samples": n, "max_concurrent": conc, "seed": seed})
     plans = []
     try:
