@@ -21,6 +21,7 @@ MLflow logging and checkpoint writes are also timed in isolation (the same calls
 multiplied by the number of reports, since they hide inside the rows above.
 
     python benchmarks/bench_study_overhead.py [--max-concurrent 1] [--num-samples 2] [--set steps=3000]
+    python benchmarks/bench_study_overhead.py --scale laptop --num-samples 0   # the README's main job
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ FINISHED = re.compile(r"^Trial (\S+) (completed|errored) after")
 STAGE = re.compile(r"^\[(stage\d+)\] \d+ cells, \d+ trials in one Tune experiment")
 
 
-def run_study(storage: Path, max_concurrent: int, num_samples: int,
-              sets: list[str] = ()) -> tuple[float, list[tuple[float, str]]]:
+def run_study(storage: Path, max_concurrent: int, num_samples: int, sets: list[str] = (),
+              scale: str = "smoke") -> tuple[float, list[tuple[float, str]]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update({"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "OMP_NUM_THREADS": "1"})
-    cmd = [sys.executable, "-m", "studies", "run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
-           "--max-concurrent", str(max_concurrent), "--num-samples", str(num_samples)]
+    cmd = [sys.executable, "-m", "studies", "run", "cpr_grokking", "--scale", scale, "--storage", str(storage)]
+    cmd += ["--max-concurrent", str(max_concurrent)] if max_concurrent else []
+    cmd += ["--num-samples", str(num_samples)] if num_samples else []
     cmd += [a for kv in sets for a in ("--set", kv)]
     t0 = time.monotonic()
     lines = []
@@ -104,15 +106,16 @@ def checkpoint_cost(reports: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--max-concurrent", type=int, default=1)
-    ap.add_argument("--num-samples", type=int, default=2)
+    ap.add_argument("--max-concurrent", type=int, default=1, help="0: as many as the CPUs allow")
+    ap.add_argument("--num-samples", type=int, default=2, help="0: the scale's own")
+    ap.add_argument("--scale", default="smoke")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to `studies run`, e.g. --set steps=3000 for a longer budget")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         storage = Path(d)
-        wall, lines = run_study(storage, args.max_concurrent, args.num_samples, args.sets)
-        sdir = storage / "cpr_grokking-smoke"
+        wall, lines = run_study(storage, args.max_concurrent, args.num_samples, args.sets, args.scale)
+        sdir = storage / f"cpr_grokking-{args.scale}"
         trials = pd.read_parquet(sdir / "trials.parquet")
         totals, reports = {}, 0
         for f in (sdir / "tune").glob("stage*/*/result.json"):
@@ -135,7 +138,7 @@ def main() -> None:
     last_end = max(ends.values())
     tail = wall - last_end
     between = (last_end - t_stage0) - setup - in_tune
-    if args.max_concurrent > 1:
+    if args.max_concurrent != 1:
         between = max(0.0, between)  # overlapping trials: the sums above exceed the elapsed time
     rows = [
         ("CLI start (imports, checks)", t_ray),
@@ -147,7 +150,8 @@ def main() -> None:
         ("between trials (Tune bookkeeping, MLflow callback, state snapshots, Parquet export)", between),
         ("Parquet/report/MLflow artifacts + Ray shutdown", tail),
     ]
-    print(f"cpr_grokking smoke study {' '.join(args.sets)}, {len(trials)} trials, --max-concurrent {args.max_concurrent}, "
+    print(f"cpr_grokking {args.scale} study {' '.join(args.sets)}, {len(trials)} trials, "
+          f"--max-concurrent {args.max_concurrent or 'auto'}, "
           f"{os.cpu_count()} CPUs; wall {wall:.1f} s (report written at {t_done:.1f} s)\n")
     print(f"{'where the wall time goes':88s} {'seconds':>8s} {'share':>6s}")
     for name, sec in rows:

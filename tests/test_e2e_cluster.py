@@ -112,7 +112,8 @@ def ray_job_study(tmp_path_factory, mlflow_server):
     storage = tmp_path_factory.mktemp("job") / "results"
     env = {k: v for k, v in cli_env().items() if not k.startswith("RAY_AUTH")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONPATH="")  # the job must import from its working dir
+               RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONPATH="",  # the job must import from its working dir
+               RAY_JOB_STOP_WAIT_TIME_S="60")  # as cluster.yaml: `ray job stop` gives Tune time to save
     head = subprocess.Popen(
         ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
@@ -126,17 +127,34 @@ def ray_job_study(tmp_path_factory, mlflow_server):
         no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
         refused = subprocess.run([*ray_job, "list", "--address", address], env=no_token, capture_output=True,
                                  text=True, timeout=120, check=False)
+        study = ["python", "-m", "studies", "run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
+                 "--num-samples", "1", "--mlflow-uri", mlflow_server["url"]]
+        # a first submission is stopped (`ray job stop`: SIGTERM) once a trial has reported ...
+        first = subprocess.run(
+            [*ray_job, "submit", "--address", address, "--working-dir", ".", "--submission-id", "regtune-stopped",
+             "--no-wait", "--", *study], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert first.returncode == 0, first.stdout + first.stderr
+        deadline = time.monotonic() + 300
+        while not any(f.stat().st_size for f in storage.glob("cpr_grokking-smoke/tune/stage1/*/result.json")):
+            assert time.monotonic() < deadline, "no trial of the first job reported in 300 s"
+            time.sleep(0.2)
+        stop = subprocess.run([*ray_job, "stop", "regtune-stopped", "--address", address], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        stopped_logs = subprocess.run([*ray_job, "logs", "regtune-stopped", "--address", address], env=env,
+                                      capture_output=True, text=True, timeout=120, check=False)
+        stopped_status = subprocess.run([*ray_job, "status", "regtune-stopped", "--address", address], env=env,
+                                        capture_output=True, text=True, timeout=120, check=False)
+        # ... and the same command submitted again resumes it
         submit = subprocess.run(
             [*ray_job, "submit", "--address", address, "--working-dir", ".", "--submission-id", "regtune-smoke",
-             "--", "python", "-m", "studies", "run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
-             "--num-samples", "1", "--mlflow-uri", mlflow_server["url"]],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
+             "--", *study], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
         status = subprocess.run([*ray_job, "status", "regtune-smoke", "--address", address], env=env,
                                 capture_output=True, text=True, timeout=120, check=False)
         session = next(temp.glob("session_2*"))  # not the session_latest link
         packages = [p for p in session.glob("runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
         yield {"storage": storage, "refused": refused, "submit": submit, "status": status, "packages": packages,
-               "address": address, "head_port": dash}
+               "address": address, "head_port": dash, "stop": stop, "stopped_logs": stopped_logs,
+               "stopped_status": stopped_status}
     finally:
         head.send_signal(signal.SIGINT)  # `ray start --block` stops the processes it started
         try:
@@ -160,6 +178,7 @@ def test_ray_job_submit_runs_a_study_with_token_auth_logging_to_an_mlflow_server
     assert "Job 'regtune-smoke' succeeded" in out
     assert job["status"].returncode == 0 and "Job 'regtune-smoke' succeeded" in job["status"].stdout
     assert "connecting to Ray at" in out and "starting local Ray" not in out  # the driver used the cluster
+    assert "[stage1] resuming the interrupted experiment" in out  # the stopped job's trials were kept
     assert listening_addresses(job["head_port"]) == {"127.0.0.1"}  # the job server binds to localhost only
     sdir = job["storage"] / "cpr_grokking-smoke"
     assert not (sdir / "mlflow.db").exists()  # every run went to the server
@@ -175,13 +194,25 @@ def test_ray_job_submit_runs_a_study_with_token_auth_logging_to_an_mlflow_server
     assert f"open {url} in a browser" in out
 
 
+def test_ray_job_stop_saves_the_study_and_marks_it_killed(ray_job_study):
+    """`ray job stop` sends SIGTERM: the driver stops like Ctrl-C (Tune saves its state, exit 130); the
+    resubmitted job resumes it (test above: one FINISHED parent run, every trial once)."""
+    job = ray_job_study
+    assert job["stop"].returncode == 0, job["stop"].stdout + job["stop"].stderr
+    assert "STOPPED" in job["stopped_status"].stdout, job["stopped_status"].stdout
+    logs = job["stopped_logs"].stdout
+    assert "run the same command again to resume" in logs, logs[-3000:]
+
+
 def test_job_working_dir_upload_is_small_and_skips_ignored_dirs(ray_job_study):
-    (package,) = ray_job_study["packages"]
-    names = {p.name for p in package.iterdir()}
-    assert {"studies", "regtune", "trainables", "pyproject.toml"} <= names
-    assert not names & {".venv", ".git", "regtune_results", "mlruns", "regtune.egg-info"}, names
-    size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
-    assert size < 20 * 2**20, f"the uploaded working dir is {size / 2**20:.1f} MiB"
+    packages = ray_job_study["packages"]  # one per distinct upload (both submissions send the same dir)
+    assert packages
+    for package in packages:
+        names = {p.name for p in package.iterdir()}
+        assert {"studies", "regtune", "trainables", "pyproject.toml"} <= names
+        assert not names & {".venv", ".git", "regtune_results", "mlruns", "regtune.egg-info"}, names
+        size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
+        assert size < 20 * 2**20, f"the uploaded working dir is {size / 2**20:.1f} MiB"
 
 
 # ----------------------------------------------------------------------------------- python -m studies mlflow
