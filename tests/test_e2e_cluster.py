@@ -199,7 +199,7 @@ def test_ray_job_stop_saves_the_study_and_marks_it_killed(ray_job_study):
     resubmitted job resumes it (test above: one FINISHED parent run, every trial once)."""
     job = ray_job_study
     assert job["stop"].returncode == 0, job["stop"].stdout + job["stop"].stderr
-    assert "STOPPED" in job["stopped_status"].stdout, job["stopped_status"].stdout
+    assert "Job 'regtune-stopped' was stopped" in job["stopped_status"].stdout, job["stopped_status"].stdout
     logs = job["stopped_logs"].stdout
     assert "run the same command again to resume" in logs, logs[-3000:]
 
