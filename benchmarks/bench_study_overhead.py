@@ -167,6 +167,10 @@ def main() -> None:
     print(f"{'(sum of rows; differs from wall when trials overlap)':88s} {accounted:8.2f}")
     print(f"\nwall / training = {wall / train:.2f}  ->  overhead {wall / train - 1:.0%} of training time "
           f"(target < 25%)")
+    slots = args.max_concurrent or os.cpu_count()
+    if slots > 1:  # trials ran side by side: also per slot, as if each slot's trials had run one after another
+        print(f"per trial slot ({slots} at a time): wall x {slots} / training = {wall * slots / train:.2f}  ->  "
+              f"overhead {wall * slots / train - 1:.0%}")
     print("\ninside the rows above, timed in isolation here:")
     print(f"  MLflow logging, sqlite store ({len(trials)} runs, {reports} metric batches): "
           f"{mlflow_cost(reports, len(trials)):.2f} s")

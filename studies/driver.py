@@ -218,11 +218,11 @@ def _trial_dirname(trial) -> str:
 
 
 def run_stage(
-    study: Study, scale: str, name: str, cells: list[Cell], sdir: Path, tracker, *,
-    extra: Mapping[str, Any], num_samples: int, max_concurrent: int, seed: int, log: Callable[[str], None],
-    overrides: Mapping[str, Any] | None = None,
+    study: Study, scale: str, name: str, cells: list[Cell], plans: list, sdir: Path, tracker, *,
+    num_samples: int, max_concurrent: int, log: Callable[[str], None],
 ) -> None:
-    """Run (or resume) the cells of one stage as one Tune experiment in ``tune/<name>``."""
+    """Run (or resume) the cells of one stage (``plans``: theirs, from ``cell_plan``) as one Tune experiment
+    in ``tune/<name>``."""
     # a snapshot per checkpoint is what makes a killed driver resumable (num_to_keep): not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
@@ -234,8 +234,6 @@ def run_stage(
     if (exp_dir / DONE_FILE).exists():
         log(f"[{name}] already finished, skipping ({', '.join(c.name for c in cells)})")
         return
-    plans = [cell_plan(study, scale, c, sdir, extra=extra, num_samples=num_samples, seed=seed, overrides=overrides)
-             for c in cells]
     table = {p.name: p.resources for p in plans}
 
     def resources(config: dict):  # each cell's request (cells of a stage may differ)
@@ -330,11 +328,11 @@ def run_study(
     try:
         groups = stages(study)
         for k, cells in enumerate(groups, start=1):
-            for cell in cells:
-                fixed, searched = cell_configs(study, cell, scale, extra, overrides)
-                plans.append((cell, cell_budget(cell, fixed, searched)[0], sorted(searched)))
-            run_stage(study, scale, f"stage{k}", cells, sdir, tracker, extra=extra, num_samples=n,
-                      max_concurrent=conc, seed=seed, log=log, overrides=overrides)
+            cell_plans = [cell_plan(study, scale, c, sdir, extra=extra, num_samples=n, seed=seed,
+                                    overrides=overrides) for c in cells]
+            plans += [(c, p.budget, sorted(p.searched)) for c, p in zip(cells, cell_plans)]
+            run_stage(study, scale, f"stage{k}", cells, cell_plans, sdir, tracker, num_samples=n,
+                      max_concurrent=conc, log=log)
             export(study, scale, sdir, plans)  # later stages read these results (external grafting)
         paths = make_report(study, scale, sdir)
         tracker.log_artifacts([*paths, sdir / "trials.parquet", sdir / "curves.parquet"])

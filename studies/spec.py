@@ -1,7 +1,8 @@
 """Declarative study specs: a study is a table.
 
-A ``Study`` lists its ``Cell``s (task x method, each one Tune experiment
-searched by Optuna and scheduled by ASHA), its ``Scale`` presets (``paper``,
+A ``Study`` lists its ``Cell``s (task x method, each searched by its own Optuna
+and scheduled by its own ASHA; the cells of a stage share one Tune experiment,
+see ``studies.stage``), its ``Scale`` presets (``paper``,
 ``smoke`` ...), and the published numbers the report prints beside ours.
 Search spaces are ``regtune.space`` domains (or fixed values) that narrow the
 method's defaults; a cell may never invent keys (checked by ``check_study``
