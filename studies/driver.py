@@ -314,7 +314,8 @@ def run_study(
                             tags={"study": study.name, "scale": scale, "study_run": f"{study.name}-{scale}"})
 
     tracker_ready = _in_background(setup_tracking)
-    if _init_ray(address, log):
+    local_ray = _init_ray(address, log)
+    if local_ray:
         lock.record(ray_session=guard.ray_session_dir())
     tracker = tracker_ready()
     guard.sigterm_as_sigint()
@@ -325,6 +326,7 @@ def run_study(
     conc = max_concurrent or sc.max_concurrent or max(1, cpus)
     tracker.log_params({"scale": scale, "num_samples": n, "max_concurrent": conc, "seed": seed})
     plans = []
+    ray_stopped = None
     try:
         groups = stages(study)
         for k, cells in enumerate(groups, start=1):
@@ -334,6 +336,10 @@ def run_study(
             run_stage(study, scale, f"stage{k}", cells, cell_plans, sdir, tracker, num_samples=n,
                       max_concurrent=conc, log=log)
             export(study, scale, sdir, plans)  # later stages read these results (external grafting)
+        if local_ray:  # Tune is done with Ray: the local Ray stops while the report is written
+            import ray
+
+            ray_stopped = _in_background(ray.shutdown)
         paths = make_report(study, scale, sdir)
         tracker.log_artifacts([*paths, sdir / "trials.parquet", sdir / "curves.parquet"])
         tracker.finish("FINISHED")
@@ -341,6 +347,8 @@ def run_study(
         tracker.finish("KILLED")
         raise
     finally:
+        if ray_stopped is not None:
+            ray_stopped()
         lock.release()
     log(f"\nstudy {study.name} ({scale}) done")
     log(f"  results:  {sdir / 'trials.parquet'}\n            {sdir / 'curves.parquet'}")

@@ -35,8 +35,9 @@ def _by_step(rows: list[dict]) -> dict[int, dict]:
 
 # ---------------------------------------------------------------------------------------------- trial retry
 def test_trial_killed_mid_run_resumes_from_checkpoint_bit_for_bit(tmp_path):
-    """fail_at_step makes the trial's process os._exit once after its report at step 75; FailureConfig retries
-    it from the last checkpoint; every reported metric equals the uninterrupted twin's (same config and seed)."""
+    """fail_at_step makes the trial's process os._exit once past step 75 (at step 100, before reporting it: the
+    steps since the step-75 checkpoint are lost); FailureConfig retries it from that checkpoint; every reported
+    metric equals the uninterrupted twin's (same config and seed)."""
     import ray
     from ray import tune
 

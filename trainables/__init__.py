@@ -90,10 +90,11 @@ def load_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _maybe_die(run: Run, marker_dir: str) -> None:
-    """Fault injection for tests: die once (the whole process) at ``fail_at_step``."""
+    """Fault injection for tests: the whole process dies once, past ``fail_at_step``, before its next report
+    (mid-run: the steps since the last checkpoint are lost, and Tune has long had the last report)."""
     k = run.config.get("fail_at_step")
     marker = Path(marker_dir) / ".fail_at_step_done"
-    if k is not None and run.step >= k and not marker.exists():
+    if k is not None and run.step > k and not marker.exists():
         marker.touch()
         os._exit(17)
 
@@ -119,11 +120,11 @@ def run_trial(method: str, config: Mapping[str, Any]) -> None:
         print(f"[{method}] resumed at step {run.step}")
     trial_dir = tune.get_context().get_trial_dir()
     for report in run.reports():
+        _maybe_die(run, trial_dir)
         report["train/seconds"] = run.train_seconds
         with tempfile.TemporaryDirectory() as d:
             torch.save(run.state_dict(), Path(d) / CHECKPOINT_FILE)
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
-        _maybe_die(run, trial_dir)
 
 
 def get(method: str) -> Callable[[dict], None]:
