@@ -270,7 +270,7 @@ class SignalWatch:
 
 
 def settle_stage(results, exp_dir: Path, tracker, stage: str, log: Callable[[str], None],
-                interrupted: bool = False) -> list[str]:
+                 interrupted: bool = False) -> list[str]:
     """After ``tuner.fit()``: raise ``KeyboardInterrupt`` if it was interrupted (a signal, or fewer trials
     than planned); else set aside trial dirs the final experiment does not own (started after Tune's last
     state snapshot before a crash) and make MLflow agree with Tune: one terminated run per trial, runs of

@@ -13,7 +13,7 @@ keeps the per-cell semantics behind Tune's single searcher and scheduler slots:
 * ``CellScheduler``: one ASHA per cell (its own budget, grace period and
   metric), so trials are only ever compared with trials of their own cell.
 
-``stages(study)`` orders the cells: a cell that ``needs`` another (external
+``studies.spec.stages(study)`` orders the cells: a cell that ``needs`` another (external
 grafting reads the reference cell's stored gradient norms) runs in a later
 stage, after the driver has exported the earlier stages' results.
 """
@@ -28,8 +28,6 @@ from typing import Any, Mapping
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
-
-from studies.spec import stages  # noqa: F401 - re-exported: the stage order lives with the spec
 
 CELL_KEY = "__extras"  # trial.config[CELL_KEY]["cell"] names the trial's cell
 
