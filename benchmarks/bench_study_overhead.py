@@ -27,7 +27,6 @@ multiplied by the number of reports, since they hide inside the rows above.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -39,6 +38,9 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from regtune.results import read_jsonl  # noqa: E402
+
 STARTED = re.compile(r"^Trial (\S+) started with configuration")
 FINISHED = re.compile(r"^Trial (\S+) (completed|errored) after")
 STAGE = re.compile(r"^\[(stage\d+)\] \d+ cells, \d+ trials in one Tune experiment")
@@ -119,7 +121,7 @@ def main() -> None:
         trials = pd.read_parquet(sdir / "trials.parquet")
         totals, reports = {}, 0
         for f in (sdir / "tune").glob("stage*/*/result.json"):
-            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            rows = read_jsonl(f)
             totals[rows[-1]["trial_id"]] = rows[-1]["time_total_s"]
             reports += len(rows)
     t_ray = first(lines, lambda s: s.startswith("starting local Ray"))

@@ -49,6 +49,32 @@ def _is_metric(key: str, value: Any) -> bool:
     return numeric and ("/" in key or key in LOOP_KEYS)
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file that another process may be appending to (Tune's ``result.json``).
+
+    Only complete lines count: an unterminated last line is still being written and is left out, and a line
+    that does not parse (cut by a crash, then continued by a resumed writer) is skipped. A missing file is
+    empty. Every reader of such files (the driver, tests, benchmarks) uses this one function.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    complete = data[: data.rfind(b"\n") + 1]  # everything up to the last newline
+    out = []
+    for line in complete.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
 def steps_to(curve: list[Mapping[str, Any]], metric: str, threshold: float) -> float:
     """First reported step whose ``metric`` is >= ``threshold`` (NaN if never)."""
     for r in curve:

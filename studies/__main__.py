@@ -112,6 +112,9 @@ def cmd_tasks() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from studies.guard import restore_ctrl_c
+
+    restore_ctrl_c()  # Ctrl-C stops a long command even when a shell started it with SIGINT ignored
     if argv[:1] == ["prepare"]:  # its own parser: regtune.data.text.prepare_main (bad arguments: exit 2)
         from regtune.data.text import prepare_main
 

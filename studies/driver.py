@@ -32,7 +32,7 @@ import numpy as np
 
 from regtune.methods import resolve_config
 from regtune.report import build_report
-from regtune.results import curve_rows, read_tables, trial_row, write_tables
+from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
 from studies import guard
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
@@ -49,17 +49,9 @@ def study_dir(storage: str | os.PathLike, study: Study, scale: str) -> Path:
 # reading Tune's per-trial files (params.json, result.json) into tidy tables
 def _read_reports(result_file: Path) -> list[dict[str, Any]]:
     by_step: dict[int, dict[str, Any]] = {}
-    if result_file.exists():
-        for line in result_file.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash
-                continue
-            if "step" in r:
-                by_step[int(r["step"])] = r  # a resumed trial may repeat steps: keep the last
+    for r in read_jsonl(result_file):  # the trial may still be writing its last line
+        if "step" in r:
+            by_step[int(r["step"])] = r  # a resumed trial may repeat steps: keep the last
     return [by_step[s] for s in sorted(by_step)]
 
 

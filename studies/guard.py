@@ -179,6 +179,14 @@ class DriverLock:
             DriverLock._held.pop(str(self.path), None)
 
 
+def restore_ctrl_c() -> None:
+    """Make Ctrl-C (SIGINT) interrupt this command even when it was started with SIGINT ignored: a command
+    started in the background by a non-interactive shell (``cmd &``, a CI script) inherits SIGINT as
+    ``SIG_IGN``, and Python then never raises ``KeyboardInterrupt``. Called first by the CLI."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def sigterm_as_sigint() -> None:
     """Let SIGTERM (``ray job stop``, a cluster scheduler) stop a study like Ctrl-C: Tune saves its state,
     the study run is marked KILLED, and running the command again resumes."""

@@ -66,41 +66,91 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, stopping: Callable[[], bool] = lambda: False) -> bool:
+    """Wait until the server answers ``/health``; False if ``stopping()`` turned true first (Ctrl-C)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stopping():
+            return False
         if proc.poll() is not None:
             raise RuntimeError(f"the MLflow server for {url} exited with status {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
                 if r.status == 200:
-                    return
+                    return True
         except OSError:
             pass
-        time.sleep(0.3)
+        time.sleep(0.2)
     raise RuntimeError(f"the MLflow server at {url} did not answer within {timeout:.0f} s")
 
 
-def stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM each server's process group (the server and its workers), SIGKILL after ``grace`` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids of this machine's processes (from /proc)."""
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (an MLflow server's uvicorn workers and job-runner consumers)."""
+    children, tree, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 5.0, kill_wait: float = 3.0) -> list[int]:
+    """Stop each server and every process it started: SIGTERM to its process group and to each descendant,
+    SIGKILL to what is left after ``grace`` seconds; wait (by pid, at most ``kill_wait`` more seconds) until
+    they are gone. Returns the pids still alive then (none expected)."""
+    pids = sorted({q for p in procs if p.poll() is None for q in process_tree(p.pid)})
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
         for p in procs:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, sig)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):
                     pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.1)
-        if all(p.poll() is not None for p in procs):
-            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            for p in procs:
+                p.poll()  # reap the servers (our children)
+            pids = [q for q in pids if _alive(q)]
+            if not pids:
+                return []
+            time.sleep(0.05)
+    return pids
 
 
 def serve(storage: str | os.PathLike, study: str | None = None, scale: str | None = None, *,
           host: str = "127.0.0.1", port: int = 5000, ready_timeout: float = 120.0,
           log: Callable[[str], None] = print) -> int:
-    """Start one MLflow server per selected store, print the URLs, block until interrupted."""
+    """Start one MLflow server per selected store, print the URLs, block until Ctrl-C or SIGTERM; then stop
+    every server it started (also while they are still starting), within about 10 s."""
     stores = find_stores(storage, study, scale)
     ports = list(range(port, port + len(stores)))
     busy = [p for p in ports if not port_free(host, p)]
@@ -112,12 +162,16 @@ def serve(storage: str | os.PathLike, study: str | None = None, scale: str | Non
     procs: list[subprocess.Popen] = []
     stopping = {"now": False}
 
-    def _stop(signum, frame):
+    def _stop(signum, frame):  # a flag, never an exception: a server being started is always recorded
         stopping["now"] = True
 
-    previous = signal.signal(signal.SIGTERM, _stop)
+    # installed explicitly: a process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python would then never see Ctrl-C
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for sdir, p in zip(stores, ports):
+            if stopping["now"]:
+                break
             (sdir / ARTIFACTS_DIR).mkdir(exist_ok=True)
             with open(sdir / "mlflow_server.log", "ab") as server_log:  # the child keeps its own copy
                 procs.append(subprocess.Popen(server_command(sdir, host, p), start_new_session=True,
@@ -125,19 +179,24 @@ def serve(storage: str | os.PathLike, study: str | None = None, scale: str | Non
         shown = "[" + host + "]" if ":" in host else host
         for sdir, p, proc in zip(stores, ports, procs):
             url = f"http://{shown}:{p}"
-            wait_ready(url, proc, ready_timeout)
+            if not wait_ready(url, proc, ready_timeout, lambda: stopping["now"]):
+                break
             log(f"MLflow for {sdir.name}: {url}  (store sqlite:///{sdir / DB_FILE})")
-        log("Ctrl-C stops the server" + ("s" if len(procs) > 1 else ""))
+        if not stopping["now"]:
+            log("Ctrl-C stops the server" + ("s" if len(procs) > 1 else ""))
         sys.stdout.flush()
         while not stopping["now"]:
             dead = [p for p in procs if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"an MLflow server exited with status {dead[0].returncode}; "
                                    f"see {stores[procs.index(dead[0])] / 'mlflow_server.log'}")
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+            time.sleep(0.2)
     finally:
-        stop(procs)
-        signal.signal(signal.SIGTERM, previous)
+        left = stop(procs)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if left:
+        raise RuntimeError(f"MLflow server processes {left} did not stop")
+    if stopping["now"]:
+        log("stopped")
     return 0

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from regtune.results import read_jsonl
 from studies.guard import DriverLock, session_processes
 from tests.conftest import ROOT, cli_env, mlflow_runs, run_cli
 
@@ -26,11 +27,24 @@ CURVE_KEYS = ("step", "train/loss", "train/accuracy", "val/loss", "val/accuracy"
 
 
 def _rows(result_json: Path) -> list[dict]:
-    return [json.loads(line) for line in result_json.read_text().splitlines() if line.strip()]
+    return read_jsonl(result_json)  # Tune may be writing the last line
 
 
 def _by_step(rows: list[dict]) -> dict[int, dict]:
     return {int(r["step"]): r for r in rows}  # a retried trial may repeat steps: the last one counts
+
+
+def test_read_jsonl_tolerates_a_line_being_written_and_a_line_cut_by_a_crash(tmp_path):
+    f = tmp_path / "result.json"
+    assert read_jsonl(f) == []  # not there yet
+    f.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5}\n{"step": 3, "train/loss": 1.')
+    assert [r["step"] for r in read_jsonl(f)] == [1, 2]  # the last line is still being written
+    with f.open("a") as out:
+        out.write('2}\n')
+    assert [r["step"] for r in read_jsonl(f)] == [1, 2, 3]
+    with f.open("a") as out:  # a writer killed mid-line, then a resumed one appending
+        out.write('{"step": 4, "train/lo' + '{"step": 4, "train/loss": 1.1}\n{"step": 5, "train/loss": 1.0}\n')
+    assert [r["step"] for r in read_jsonl(f)] == [1, 2, 3, 5]
 
 
 # ---------------------------------------------------------------------------------------------- trial retry
