@@ -54,13 +54,14 @@ definitions (grafting as in Agarwal et al., arXiv:2002.11803).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from regtune.penalties import penalty
+from regtune.penalties import double_backward_attention, penalty
 from regtune.step import StepContext, clip_gradients
 
 MICRO_NORM_EVERY = 20  # steps between data-gradient norm measurements for fisher / jacobian penalties
@@ -161,7 +162,7 @@ def microbatch_step(
     reg_vals: list[torch.Tensor] = []
     pick_sq = None
     opt.zero_grad(set_to_none=True)
-    with torch.enable_grad():
+    with torch.enable_grad(), (double_backward_attention() if penalty_kind else contextlib.nullcontext()):
         for k in range(k_count):
             x, y = inputs[k * m:(k + 1) * m], targets[k * m:(k + 1) * m]
             logits = task.forward(model, x)

@@ -39,6 +39,15 @@ import torch.nn.functional as F
 PENALTIES: tuple[str, ...] = ("grad_norm", "fisher_trace", "avg_jacobian", "unit_jacobian")
 
 
+def double_backward_attention():
+    """Attention that can be differentiated twice: ``F.scaled_dot_product_attention``'s fused CPU/GPU kernels
+    (flash, memory-efficient) have no double backward, so a penalty's forward runs the math kernel (the same
+    function, written as matmul + softmax). Use around the forward of a step that differentiates a gradient."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One label per row drawn from ``softmax(logits)`` (Gumbel-max), without gradient.
 
