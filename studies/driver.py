@@ -34,7 +34,7 @@ from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
-from studies import guard
+from studies import guard, preflight
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
@@ -294,12 +294,12 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run (or resume) every cell of ``study`` at ``scale``; export Parquet; write the report."""
-    from studies.tracking import StudyTracker, default_tracking_uri, ui_command
-
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
     sc = study.scales[scale]
     sdir = study_dir(storage, study, scale)
     guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
+    preflight.check_data(study, scale, overrides)  # every data set present and complete, or exit 2 (one line each)
+    from studies.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies
     lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind
