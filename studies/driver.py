@@ -228,7 +228,7 @@ def run_stage(
     from ray import tune
 
     import trainables
-    from studies.stage import CellScheduler, CellSearch, cell_of
+    from studies.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
 
     exp_dir = sdir / "tune" / name
     if (exp_dir / DONE_FILE).exists():
@@ -256,7 +256,7 @@ def run_stage(
             trainable,
             param_space={},  # every config comes from CellSearch: the cell's fixed values + its searcher's
             tune_config=tune.TuneConfig(
-                scheduler=CellScheduler(plans), search_alg=CellSearch(plans),
+                scheduler=CellScheduler(plans, log), search_alg=CellSearch(plans),
                 num_samples=total, max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=_trial_dirname, reuse_actors=True,  # no new process per trial
             ),
@@ -275,9 +275,14 @@ def run_stage(
     log(f"[{name}] {len(cells)} cells, {total} trials in one Tune experiment, up to {max_concurrent} at a time")
     with guard.SignalWatch() as watch:  # Ctrl-C/SIGTERM: Tune saves its state and fit() returns early
         results = tuner.fit()
-    names = guard.settle_stage(results, exp_dir, tracker, name, log, interrupted=watch.hit)
+    stopped = stopped_cells(results)  # cells a configuration or data error stopped (not retried)
+    for cell, (trial_id, error) in stopped.items():
+        log(stop_line(cell, trial_id, error))
+    names = guard.settle_stage(results, exp_dir, tracker, name, log, interrupted=watch.hit,
+                               unstarted=unstarted(results, stopped, num_samples))
     errors = [r.error for r in results if r.error is not None]
-    (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors), "dirs": names}))
+    (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors), "dirs": names,
+                                                 "stopped": {c: e for c, (_, e) in stopped.items()}}))
 
 
 def run_study(

@@ -37,6 +37,7 @@ from regtune.loop import Run
 from regtune.methods import get_method
 from regtune.reference import step_inputs
 from regtune.space import Choice, Domain, IntUniform, LogUniform, Uniform
+from trainables import permanent
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -100,6 +101,14 @@ def _maybe_die(run: Run, marker_dir: str) -> None:
 
 
 def run_trial(method: str, config: Mapping[str, Any]) -> None:
+    try:
+        _train(method, config)
+    except permanent.PERMANENT as e:  # a config or data error: Tune must not retry it (trainables.permanent)
+        permanent.report(e)
+        raise
+
+
+def _train(method: str, config: Mapping[str, Any]) -> None:
     torch.set_num_threads(_threads())
     extras = config.get("__extras") or {}
     hparams = {k: v for k, v in config.items() if not k.startswith("__")}
