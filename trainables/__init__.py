@@ -16,7 +16,9 @@ before any training), seeds torch/numpy/random from ``seed``, trains with
 ``regtune.loop.Run``, reports ``step``, ``train/loss``, ``train/accuracy``,
 ``val/loss``, ``val/accuracy`` (and method extras) every ``eval_every`` steps
 with a checkpoint, resumes from ``tune.get_checkpoint()``, and ends with a
-finite sentinel report when the loss diverges.
+finite sentinel report when the loss diverges. In a study, a configuration or
+data error is announced before it is raised, so the study does not retry it
+(``trainables.permanent``).
 
 Config keys starting with ``__`` are inputs from the study driver, not
 hyperparameters (``__extras``: method inputs such as reference gradient norms).
@@ -103,8 +105,9 @@ def _maybe_die(run: Run, marker_dir: str) -> None:
 def run_trial(method: str, config: Mapping[str, Any]) -> None:
     try:
         _train(method, config)
-    except permanent.PERMANENT as e:  # a config or data error: Tune must not retry it (trainables.permanent)
-        permanent.report(e)
+    except permanent.PERMANENT as e:  # a config or data error: the study must not retry it (trainables.permanent)
+        if permanent.in_study(config):
+            permanent.report(e)
         raise
 
 

@@ -14,6 +14,10 @@ study's scheduler sees that result before the error arrives and drops the
 trial's retries, and its searcher hands out no more trials of that cell
 (``studies.stage``). The trial ends in Tune's ERROR state with its real
 traceback in ``error.txt``.
+
+Only trials of a study (their config names a cell) report: a search of one's own
+with a ``metric`` in its ``TuneConfig`` would reject a result without that
+metric; there the error is raised and Tune's own retry rules apply.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ PERMANENT_KEY = "permanent_error"
 
 def is_permanent(error: BaseException) -> bool:
     return isinstance(error, PERMANENT)
+
+
+def in_study(config) -> bool:
+    """A trial the study driver started (``studies.stage``: its config names its cell)."""
+    return bool((config.get("__extras") or {}).get("cell"))
 
 
 def one_line(error: BaseException) -> str:
