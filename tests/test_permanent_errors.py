@@ -10,8 +10,8 @@ import pytest
 from regtune.data.cifar import write_fake_cifar
 from regtune.space import ConfigError
 from studies.spec import Cell, Scale, Study
-from trainables.permanent import PERMANENT_KEY, is_permanent
 from tests.conftest import mlflow_runs
+from trainables.permanent import PERMANENT_KEY, is_permanent
 
 
 def test_permanent_errors_are_config_and_data_errors():
