@@ -277,3 +277,26 @@ def test_text_prepare_replaces_a_copy_atomically(tmp_path):
     assert json.loads((out / "meta.json").read_text())["counts"] == second["counts"]
     assert (out / "text" / "train.txt").is_file() and second["source"] == f"synthetic:{out.resolve() / 'text'}"
     assert sorted(p.name for p in out.parent.iterdir()) == [".word.lock", "word"]  # no staging dirs left
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def test_prepare_study_at_smoke_has_nothing_to_do(capsys):
+    from studies.prepare import main
+
+    assert main(["--study", "cpr_cifar100", "--scale", "smoke"]) == 0
+    assert "generates its own data when it runs: nothing to prepare" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["cifar10", "--source", "x"], "--source and --out-dir are for imagenet"),
+    (["imagenet", "--mirror", "http://x"], "--mirror and --archive are for CIFAR"),
+    (["cifar10", "--study", "cpr_cifar100"], "give a data set NAME or --study NAME"),
+    (["--study", "cpr_cifar100", "--data-dir", "/x"], "--study prepares the data where"),
+    (["mnist"], "invalid choice: 'mnist'"),
+])
+def test_prepare_bad_arguments_exit_2(args, message, capsys):
+    from studies.prepare import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2 and message in capsys.readouterr().err
