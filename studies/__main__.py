@@ -1,5 +1,5 @@
 """Command line: ``python -m studies list | run NAME | report NAME | mlflow | methods | tasks``
-(and ``prepare CORPUS``: tokenize a text corpus once, ``regtune.data.text.prepare_main``).
+(and ``prepare NAME | --study NAME``: make data sets once, ``studies.prepare``).
 
 Bad input (unknown study, method, task or scale, a misspelled hyperparameter,
 an out-of-range value) prints one line naming the key, the value and what is
@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the study catalog with scales")
     sub.add_parser("methods", help="registered methods and their hyperparameters")
     sub.add_parser("tasks", help="registered tasks")
-    sub.add_parser("prepare", help="tokenize a text corpus once: python -m studies prepare CORPUS [...] (-h: options)")
+    sub.add_parser("prepare", help="make a data set once (CIFAR, an ImageNet folder's index, a text corpus's tokens) "
+                                   "or all a study needs: prepare NAME | --study NAME [--scale S] (-h: options)")
     for name in ("run", "report"):
         s = sub.add_parser(name, help=f"{name} a study")
         s.add_argument("study")
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from studies.guard import restore_ctrl_c
 
     restore_ctrl_c()  # Ctrl-C stops a long command even when a shell started it with SIGINT ignored
-    if argv[:1] == ["prepare"]:  # its own parser: regtune.data.text.prepare_main (bad arguments: exit 2)
-        from regtune.data.text import prepare_main
+    if argv[:1] == ["prepare"]:  # its own parser (studies.prepare; bad arguments: exit 2)
+        from studies.prepare import main as prepare_main
 
         return prepare_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                   seed=args.seed, overrides=overrides)
         return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # one line, or one per item (e.g. each missing data set)
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,8 +11,9 @@ Scales shared by the implicit-regularization studies:
 * ``paper``: the published setup (``size`` paper: batch 5120 in micro-batches of
   128, small-batch ``sgd`` at batch 128, 5000 optimizer steps, reports every
   100 steps and every 20 for ``sgd`` (the 20-step blocks external grafting reads).
-  CIFAR is read from ``$REGTUNE_DATA_DIR`` (or ``~/.cache/regtune/data``) and
-  downloaded there on first use.
+  CIFAR is read from ``$REGTUNE_DATA_DIR`` (or ``~/.cache/regtune/data``),
+  made there once with ``python -m studies prepare --study NAME`` (trials never
+  download; the driver checks the data before Ray starts).
 * ``smoke``: CI-sized: width 1/16, 256/128/128 generated images per split
   written by ``prepare`` into the study dir, batch 32 in micro-batches of 8
   (``sgd``: batch 8), 4 steps, one trial a cell on one CPU.
@@ -26,6 +27,7 @@ from typing import Any
 
 from regtune.data.cifar import missing_files, write_fake_cifar
 from regtune.tasks.base import get_task
+from studies.preflight import generates_data
 from studies.spec import Cell, Published, Scale, published_domain
 
 SMOKE_IMAGES = {"n_train": 384, "n_test": 128}  # the smoke size uses 256 train + 128 val + 128 test
@@ -33,9 +35,9 @@ SMOKE_IMAGES = {"n_train": 384, "n_test": 128}  # the smoke size uses 256 train 
 
 def prepare_cifar(study_dir: Path, scale: str, kinds: tuple[str, ...]) -> dict[str, Any]:
     """Extra fixed config of a CIFAR study: smoke writes small CIFAR files in the real format into the
-    study dir; other scales read the real data set (downloaded once when missing)."""
+    study dir; other scales read the real data set (``studies prepare``; checked before Ray starts)."""
     if scale != "smoke":
-        return {"download": True}
+        return {}
     root = Path(study_dir) / "data"
     for kind in kinds:
         if missing_files(root, kind):
@@ -44,6 +46,7 @@ def prepare_cifar(study_dir: Path, scale: str, kinds: tuple[str, ...]) -> dict[s
 
 
 def preparer(*kinds: str):
+    @generates_data("smoke")
     def prepare(study_dir: Path, scale: str) -> dict[str, Any]:
         return prepare_cifar(study_dir, scale, kinds)
 

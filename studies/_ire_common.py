@@ -8,8 +8,9 @@ Smoke data: each study's ``prepare`` hook writes small files in the real
 on-disk formats into ``<study dir>/data`` at the ``smoke`` scale (CIFAR
 pickles, an ImageFolder tree, token files) and returns ``{"data_dir": ...}``;
 the real loaders read them. At other scales the hooks return nothing: trials
-read ``$REGTUNE_DATA_DIR`` (CIFAR may download; ImageNet must be there; text
-corpora are tokenized once with ``python -m studies prepare CORPUS``).
+read ``$REGTUNE_DATA_DIR``, where ``python -m studies prepare`` made the data sets
+once (CIFAR, an ImageNet folder's index, token files); the driver checks them
+before Ray starts (``studies.preflight``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from regtune.space import LogUniform, Uniform
+from studies.preflight import generates_data
 from studies.spec import Cell, Published
 
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
@@ -47,6 +49,7 @@ def _data_root(study_dir: Path) -> Path:
 
 def cifar_prepare(*kinds: str, n_train: int = 384, n_test: int = 128) -> PrepareHook:
     """At ``smoke``: fake CIFAR files (torchvision's pickles) for ``kinds``; 384 = the smoke split's 256 + 128."""
+    @generates_data("smoke")
     def prepare(study_dir: Path, scale: str) -> dict[str, Any]:
         if scale != "smoke":
             return {}
@@ -62,6 +65,7 @@ def cifar_prepare(*kinds: str, n_train: int = 384, n_test: int = 128) -> Prepare
 
 def imagenet_prepare() -> PrepareHook:
     """At ``smoke``: a tiny ImageFolder tree (4 classes, 6 train / 2 val images each, PNG and JPEG)."""
+    @generates_data("smoke")
     def prepare(study_dir: Path, scale: str) -> dict[str, Any]:
         if scale != "smoke":
             return {}
@@ -76,6 +80,7 @@ def imagenet_prepare() -> PrepareHook:
 
 def text_prepare(*corpora: str) -> PrepareHook:
     """At ``smoke``: generated text tokenized where the text tasks' smoke size looks (``make_smoke_data``)."""
+    @generates_data("smoke")
     def prepare(study_dir: Path, scale: str) -> dict[str, Any]:
         if scale != "smoke":
             return {}

@@ -34,7 +34,7 @@ from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
-from studies import guard
+from studies import guard, preflight
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
@@ -220,7 +220,7 @@ def run_stage(
     from ray import tune
 
     import trainables
-    from studies.stage import CellScheduler, CellSearch, cell_of
+    from studies.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
 
     exp_dir = sdir / "tune" / name
     if (exp_dir / DONE_FILE).exists():
@@ -248,7 +248,7 @@ def run_stage(
             trainable,
             param_space={},  # every config comes from CellSearch: the cell's fixed values + its searcher's
             tune_config=tune.TuneConfig(
-                scheduler=CellScheduler(plans), search_alg=CellSearch(plans),
+                scheduler=CellScheduler(plans, log), search_alg=CellSearch(plans),
                 num_samples=total, max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=_trial_dirname, reuse_actors=True,  # no new process per trial
             ),
@@ -267,9 +267,14 @@ def run_stage(
     log(f"[{name}] {len(cells)} cells, {total} trials in one Tune experiment, up to {max_concurrent} at a time")
     with guard.SignalWatch() as watch:  # Ctrl-C/SIGTERM: Tune saves its state and fit() returns early
         results = tuner.fit()
-    names = guard.settle_stage(results, exp_dir, tracker, name, log, interrupted=watch.hit)
+    stopped = stopped_cells(results)  # cells a configuration or data error stopped (not retried)
+    for cell, (trial_id, error) in stopped.items():
+        log(stop_line(cell, trial_id, error))
+    names = guard.settle_stage(results, exp_dir, tracker, name, log, interrupted=watch.hit,
+                               unstarted=unstarted(results, stopped, num_samples))
     errors = [r.error for r in results if r.error is not None]
-    (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors), "dirs": names}))
+    (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors), "dirs": names,
+                                                 "stopped": {c: e for c, (_, e) in stopped.items()}}))
 
 
 def run_study(
@@ -286,12 +291,12 @@ def run_study(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run (or resume) every cell of ``study`` at ``scale``; export Parquet; write the report."""
-    from studies.tracking import StudyTracker, default_tracking_uri, ui_command
-
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
     sc = study.scales[scale]
     sdir = study_dir(storage, study, scale)
     guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
+    preflight.check_data(study, scale, overrides)  # every data set present and complete, or exit 2 (one line each)
+    from studies.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies
     lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind

@@ -278,14 +278,15 @@ class SignalWatch:
 
 
 def settle_stage(results, exp_dir: Path, tracker, stage: str, log: Callable[[str], None],
-                 interrupted: bool = False) -> list[str]:
+                 interrupted: bool = False, unstarted: int = 0) -> list[str]:
     """After ``tuner.fit()``: raise ``KeyboardInterrupt`` if it was interrupted (a signal, or fewer trials
-    than planned); else set aside trial dirs the final experiment does not own (started after Tune's last
-    state snapshot before a crash) and make MLflow agree with Tune: one terminated run per trial, runs of
-    set-aside trials deleted. Returns the trial dir names."""
+    than planned, less the ``unstarted`` trials of cells a permanent error stopped); else set aside trial
+    dirs the final experiment does not own (started after Tune's last state snapshot before a crash) and
+    make MLflow agree with Tune: one terminated run per trial, runs of set-aside trials deleted. Returns the
+    trial dir names."""
     plan = exp_dir / PLAN_FILE
     expected = json.loads(plan.read_text()).get("num_samples", 0) if plan.exists() else 0
-    if interrupted or len(results) < expected:
+    if interrupted or len(results) < expected - unstarted:
         log(f"[{stage}] interrupted with {len(results)} of {expected} trials started; its state is saved")
         raise KeyboardInterrupt
     statuses, names = {}, []

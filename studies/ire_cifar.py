@@ -64,9 +64,9 @@ STUDY = Study(
     paper=f"{IRE_PAPER}, Table 1",
     cells=CELLS,
     scales={
-        "paper": Scale(num_samples=8, fixed={"size": "paper", "download": True},
+        "paper": Scale(num_samples=8, fixed={"size": "paper"},
                        doc="the paper's budget: 200 epochs (62,500 steps of batch 128), 8 trials a cell; "
-                           "downloads CIFAR into $REGTUNE_DATA_DIR"),
+                           "CIFAR in $REGTUNE_DATA_DIR (`python -m studies prepare --study ire_cifar`)"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": 4, "eval_every": 2}, grace_fraction=1 / 2,
                        doc="CI-sized: generated CIFAR files, depth-10 WRN / ResNet-8 at half width, 4 steps"),
     },

@@ -71,8 +71,9 @@ STUDY = Study(
     paper=f"{IRE_PAPER}, Table 3",
     cells=CELLS,
     scales={
-        "paper": Scale(num_samples=8, fixed={"size": "paper", "download": True},
-                       doc="200 epochs (62,500 steps of batch 128), 8 trials a cell; downloads CIFAR-100"),
+        "paper": Scale(num_samples=8, fixed={"size": "paper"},
+                       doc="200 epochs (62,500 steps of batch 128), 8 trials a cell; CIFAR-100 in $REGTUNE_DATA_DIR "
+                           "(`python -m studies prepare cifar100`)"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": 4, "eval_every": 2}, grace_fraction=1 / 2,
                        doc="CI-sized: generated CIFAR-100 files, a 2-block ViT of width 32, 4 steps"),
     },

@@ -13,6 +13,12 @@ keeps the per-cell semantics behind Tune's single searcher and scheduler slots:
 * ``CellScheduler``: one ASHA per cell (its own budget, grace period and
   metric), so trials are only ever compared with trials of their own cell.
 
+A trial that fails on a configuration or data error (``trainables.permanent``)
+is not retried and stops its cell: ``CellScheduler`` drops the trial's retries
+when its last report names the error, and ``CellSearch`` hands out no more
+trials of that cell; the stage then ends with fewer trials than planned
+(``unstarted``).
+
 ``studies.spec.stages(study)`` orders the cells: a cell that ``needs`` another (external
 grafting reads the reference cell's stored gradient norms) runs in a later
 stage, after the driver has exported the earlier stages' results.
@@ -23,11 +29,13 @@ from __future__ import annotations
 import copy
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+
+from trainables.permanent import PERMANENT_KEY
 
 CELL_KEY = "__extras"  # trial.config[CELL_KEY]["cell"] names the trial's cell
 
@@ -64,6 +72,7 @@ class CellSearch(Searcher):
         self._quota = {p.name: p.num_samples for p in plans}
         self._count = {p.name: 0 for p in plans}
         self._owner: dict[str, str] = {}
+        self._stopped: dict[str, str] = {}  # cell -> the permanent error that stopped it
         self._subs = {
             p.name: OptunaSearch(space=OptunaSearch.convert_search_space(p.searched), metric=p.metric, mode=p.mode,
                                  seed=p.seed,
@@ -76,7 +85,8 @@ class CellSearch(Searcher):
         return True  # each cell has its own metric and space
 
     def suggest(self, trial_id: str):
-        open_cells = [n for n in self._order if self._count[n] < self._quota[n]]
+        stopped = getattr(self, "_stopped", {})  # (a searcher saved before this field existed has none)
+        open_cells = [n for n in self._order if self._count[n] < self._quota[n] and n not in stopped]
         if not open_cells:
             return Searcher.FINISHED
         name = min(open_cells, key=lambda n: self._count[n])  # fewest started first; ties in cell order
@@ -91,6 +101,9 @@ class CellSearch(Searcher):
         return (self._subs.get(name), self._metric_of.get(name)) if name else (None, None)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if PERMANENT_KEY in result and trial_id in self._owner:  # a config or data error: no more trials of the cell
+            self.__dict__.setdefault("_stopped", {})[self._owner[trial_id]] = result[PERMANENT_KEY]
+            return
         sub, metric = self._sub(trial_id)
         if sub is not None and metric in result:
             sub.on_trial_result(trial_id, result)
@@ -115,8 +128,9 @@ class CellSearch(Searcher):
 class CellScheduler(FIFOScheduler):
     """One ASHA per cell; trials are routed by the cell their config names."""
 
-    def __init__(self, plans: list[CellPlan]):
+    def __init__(self, plans: list[CellPlan], log: Callable[[str], None] = print):
         super().__init__()
+        self._log = log
         self._ashas = {
             p.name: AsyncHyperBandScheduler(time_attr="step", metric=p.metric, mode=p.mode, max_t=p.budget,
                                             grace_period=p.grace, reduction_factor=p.reduction_factor)
@@ -133,6 +147,14 @@ class CellScheduler(FIFOScheduler):
         self._asha(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if PERMANENT_KEY in result:
+            # The trial raises right after this report. Tune decides on a retry from Trial.max_failures
+            # (Trial.should_recover) when the error arrives, before telling any scheduler or callback, and
+            # FailureConfig applies to every trial alike: so this (public) attribute of the one trial is the
+            # only place to say "this error is final". CONTINUE lets the error arrive as the trial's ERROR.
+            trial.max_failures = 0
+            self._log(stop_line(cell_of(trial.config), trial.trial_id, result[PERMANENT_KEY]))
+            return FIFOScheduler.CONTINUE
         return self._asha(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
@@ -149,3 +171,27 @@ class CellScheduler(FIFOScheduler):
     def debug_string(self) -> str:
         return "\n".join(f"[{name}] {asha.debug_string()}" for name, asha in self._ashas.items())
 
+
+
+def stop_line(cell: str, trial_id: str, error: str) -> str:
+    return (f"[{cell}] stopped: trial {trial_id} failed with {error} -- not retried (a configuration or data error "
+            "fails the same way again); no more trials of this cell")
+
+
+def stopped_cells(results) -> dict[str, tuple[str, str]]:
+    """cell -> (trial id, one-line error) of the trial whose permanent error stopped it (a stage's ResultGrid)."""
+    out = {}
+    for r in results:
+        error = (r.metrics or {}).get(PERMANENT_KEY)
+        if error and r.config:
+            out.setdefault(cell_of(r.config), ((r.metrics or {}).get("trial_id", "?"), error))
+    return out
+
+
+def unstarted(results, stopped: Mapping[str, Any], num_samples: int) -> int:
+    """Trials the stopped cells never started (a stage with stopped cells has fewer trials than planned)."""
+    started: dict[str, int] = {}
+    for r in results:
+        if r.config:
+            started[cell_of(r.config)] = started.get(cell_of(r.config), 0) + 1
+    return sum(max(0, num_samples - started.get(cell, 0)) for cell in stopped)

@@ -67,7 +67,7 @@ def test_reader_accepts_python2_style_bytes_keys(tmp_path):
 
 def test_protocol_splits(root):
     raw = load_cifar("cifar10", root)
-    data = CifarData("cifar10", data_dir=str(root), download=False, n_train=300, n_val=150, n_test=None,
+    data = CifarData("cifar10", data_dir=str(root), n_train=300, n_val=150, n_test=None,
                      device=CPU, seed=0)
     assert torch.equal(data.train_x, raw["train_x"][:300])  # the first n_train
     assert torch.equal(data.val_x, raw["train_x"][-150:])  # the last n_val
@@ -75,7 +75,7 @@ def test_protocol_splits(root):
     assert torch.equal(data.test_x, raw["test_x"])  # the official test set
     assert sum(x.shape[0] for x, _ in data.eval_batches("val", 64)) == 150
     with pytest.raises(ConfigError, match="n_train=400 \\+ n_val=150.*only 500 images"):
-        CifarData("cifar10", data_dir=str(root), download=False, n_train=400, n_val=150, n_test=None,
+        CifarData("cifar10", data_dir=str(root), n_train=400, n_val=150, n_test=None,
                   device=CPU, seed=0)
 
 
@@ -95,7 +95,7 @@ def test_missing_data_dir_is_a_clear_error(kind, folder, files, tmp_path):
     with pytest.raises(CifarFilesMissing) as info:
         load_cifar(kind, missing)
     msg = str(info.value)
-    assert str(missing) in msg and folder in msg and "download=True" in msg
+    assert str(missing) in msg and folder in msg and f"python -m studies prepare {kind} --data-dir {missing}" in msg
     assert all(f in msg for f in files)
     assert not missing.exists()  # nothing created or downloaded
 
@@ -110,7 +110,7 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 
 
 def make_data(root, seed=0, **kw):
-    args = {"data_dir": str(root), "download": False, "n_train": 320, "n_val": 100, "n_test": None, "device": CPU,
+    args = {"data_dir": str(root), "n_train": 320, "n_val": 100, "n_test": None, "device": CPU,
             "seed": seed}
     return CifarData("cifar10", **{**args, **kw})
 

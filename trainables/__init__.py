@@ -16,7 +16,9 @@ before any training), seeds torch/numpy/random from ``seed``, trains with
 ``regtune.loop.Run``, reports ``step``, ``train/loss``, ``train/accuracy``,
 ``val/loss``, ``val/accuracy`` (and method extras) every ``eval_every`` steps
 with a checkpoint, resumes from ``tune.get_checkpoint()``, and ends with a
-finite sentinel report when the loss diverges.
+finite sentinel report when the loss diverges. In a study, a configuration or
+data error is announced before it is raised, so the study does not retry it
+(``trainables.permanent``).
 
 Config keys starting with ``__`` are inputs from the study driver, not
 hyperparameters (``__extras``: method inputs such as reference gradient norms).
@@ -37,6 +39,7 @@ from regtune.loop import Run
 from regtune.methods import get_method
 from regtune.reference import step_inputs
 from regtune.space import Choice, Domain, IntUniform, LogUniform, Uniform
+from trainables import permanent
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -100,6 +103,15 @@ def _maybe_die(run: Run, marker_dir: str) -> None:
 
 
 def run_trial(method: str, config: Mapping[str, Any]) -> None:
+    try:
+        _train(method, config)
+    except permanent.PERMANENT as e:  # a config or data error: the study must not retry it (trainables.permanent)
+        if permanent.in_study(config):
+            permanent.report(e)
+        raise
+
+
+def _train(method: str, config: Mapping[str, Any]) -> None:
     torch.set_num_threads(_threads())
     extras = config.get("__extras") or {}
     hparams = {k: v for k, v in config.items() if not k.startswith("__")}

@@ -9,10 +9,14 @@ files are the original "python version" batches that
 (CIFAR-10) or ``fine_labels`` (CIFAR-100).
 
 Data dir: the ``data_dir`` argument, else ``$REGTUNE_DATA_DIR``, else
-``~/.cache/regtune/data``. Nothing is downloaded unless ``download=True``; then
-torchvision downloads (and md5-checks) the archive under a file lock, so
-concurrent trials download once. Without the files the error names the
-directory and the files it expected.
+``~/.cache/regtune/data``. Trials never download: ``prepare_cifar`` (CLI
+``python -m studies prepare cifar10|cifar100``) fetches the archive once with
+torchvision's own downloader and md5 checks (from ``--mirror URL`` or a local
+``--archive`` where there is no network), extracts it in a temporary directory
+and renames the folder into place under a lock (``regtune.data.store``), then
+writes ``regtune_manifest.json`` (file sizes, image counts) into the folder. The
+study driver checks that manifest before Ray starts (``problem``). Without the
+files a trial's error names the directory, the files and the prepare command.
 
 Where we knowingly differ from torchvision: we read the pickles ourselves
 instead of through ``torchvision.datasets.CIFAR10`` because its constructor
@@ -30,8 +34,10 @@ seeded by (seed, step), so a training batch is a pure function of them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +45,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from regtune.data import DataMissing
 from regtune.space import ConfigError
 
 PAD = 4
+MANIFEST = "regtune_manifest.json"
 CROP = 32
 
 
@@ -68,8 +76,8 @@ SPECS = {
 }
 
 
-class CifarFilesMissing(FileNotFoundError):
-    """The data dir lacks the CIFAR files (and download was not asked for)."""
+class CifarFilesMissing(DataMissing):
+    """The data dir lacks the CIFAR files (trials never download them)."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -91,29 +99,21 @@ def missing_files(root: Path, kind: str) -> list[Path]:
     return [root / spec.folder / f for f in spec.train_files + spec.test_files if not (root / spec.folder / f).is_file()]
 
 
-def ensure_cifar(kind: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
-    """Return the data dir holding ``kind``'s files; download them first if asked and missing."""
+def prepare_command(kind: str, root: Path) -> str:
+    return f"python -m studies prepare {kind} --data-dir {root}"
+
+
+def ensure_cifar(kind: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Return the data dir holding ``kind``'s files, or raise ``CifarFilesMissing`` naming the prepare command."""
     root = resolve_data_dir(data_dir)
     spec = _spec(kind)
     if not missing_files(root, kind):
         return root
-    if download:
-        from filelock import FileLock
-        from torchvision import datasets
-
-        root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / f".{kind}.download.lock")):
-            if missing_files(root, kind):  # another process may have finished it
-                cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
-                cls(str(root), train=True, download=True)
-                cls(str(root), train=False, download=True)
-        if not missing_files(root, kind):
-            return root
     expected = ", ".join(spec.train_files + spec.test_files)
     raise CifarFilesMissing(
         f"{kind} not found in data dir {str(root)!r}: expected {spec.folder}/{{{expected}}}"
-        f" (missing: {', '.join(p.name for p in missing_files(root, kind))}). Set data_dir or $REGTUNE_DATA_DIR"
-        " to a directory holding torchvision's CIFAR files, or pass download=True to fetch them."
+        f" (missing: {', '.join(p.name for p in missing_files(root, kind))}); trials never download: prepare it"
+        f" with: {prepare_command(kind, root)} (or set data_dir / $REGTUNE_DATA_DIR to where it is)"
     )
 
 
@@ -131,12 +131,12 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
 _CACHE: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
 
-def load_cifar(kind: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> dict[str, torch.Tensor]:
+def load_cifar(kind: str, data_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """All images as uint8 (N, 3, 32, 32) tensors and int64 labels: keys train_x, train_y, test_x, test_y.
 
     Read once per process and data dir (cached).
     """
-    root = ensure_cifar(kind, data_dir, download)
+    root = ensure_cifar(kind, data_dir)
     key = (str(root.resolve()), kind)
     if key not in _CACHE:
         spec = _spec(kind)
@@ -189,7 +189,102 @@ def write_fake_cifar(root: str | os.PathLike, kind: str, n_train: int, n_test: i
         "fine_label_names": names, "coarse_label_names": [f"super_{i}" for i in range(20)]}
     with open(folder / spec.meta_file, "wb") as f:
         pickle.dump(meta, f, protocol=2)
+    write_manifest(folder, kind, {"train": n_train, "test": n_test}, source="synthetic (write_fake_cifar)")
     return Path(root)
+
+
+# --------------------------------------------------------------------------
+# preparing (once, before any trial): torchvision's download, a manifest, the driver's check
+def write_manifest(folder: Path, kind: str, images: dict[str, int], source: str) -> None:
+    """``regtune_manifest.json`` in ``folder``: the size of every file and the images of each split."""
+    from regtune.data.store import write_text_atomic
+
+    spec = _spec(kind)
+    files = {f: (folder / f).stat().st_size for f in spec.train_files + spec.test_files + (spec.meta_file,)}
+    write_text_atomic(folder / MANIFEST, json.dumps(
+        {"format_version": 1, "dataset": kind, "files": files, "images": images, "source": source}, indent=2) + "\n")
+
+
+def problem(kind: str, data_dir: str | os.PathLike | None = None, *, train: int = 1, test: int = 1) -> str | None:
+    """What is wrong with ``kind`` in the data dir for a task reading ``train`` / ``test`` images, or None.
+
+    Cheap (no file is read but the manifest): the files exist with the sizes the manifest records, and
+    the manifest counts enough images."""
+    root = resolve_data_dir(data_dir)
+    folder = root / _spec(kind).folder
+    missing = missing_files(root, kind)
+    if missing:
+        return f"missing {folder}/{{{', '.join(p.name for p in missing)}}}"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"{folder} holds files but no {MANIFEST} (not made or checked by studies prepare)"
+    for name, size in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path} is incomplete ({path.stat().st_size if path.is_file() else 0} of {size} bytes)"
+    have = manifest.get("images", {})
+    for split, need in (("train", train), ("test", test)):
+        if int(have.get(split, 0)) < need:
+            return f"{folder} has {int(have.get(split, 0))} {split} images, the task reads {need}"
+    return None
+
+
+def _torchvision_class(kind: str, mirror: str | None):
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+    if mirror:  # same archive and checksums, another server (a local mirror, a cluster's file server)
+        cls = type(f"{cls.__name__}Mirror", (cls,), {"url": f"{mirror.rstrip('/')}/{cls.filename}"})
+    return cls
+
+
+def prepare_cifar(kind: str, data_dir: str | os.PathLike | None = None, *, mirror: str | None = None,
+                  archive: str | os.PathLike | None = None, log=print) -> Path:
+    """Put ``kind`` into the data dir once: torchvision's downloader (``mirror``: a base URL holding the same
+    archive) or a local copy of the archive (``archive``), its md5 checks, then an atomic rename, all under
+    the data set's lock. Files already there without a manifest are md5-checked and kept. Returns the folder."""
+    from regtune.data import store
+
+    spec = _spec(kind)
+    root = resolve_data_dir(data_dir)
+    final = root / spec.folder
+    with store.exclusive(final, log):
+        if problem(kind, root) is None:
+            log(f"{kind} is already prepared in {final}")
+            return final
+        cls = _torchvision_class(kind, mirror)
+        if not missing_files(root, kind) and _md5_ok(cls, root):
+            write_manifest(final, kind, _count(cls, root), source="existing files (md5 checked)")
+            log(f"{kind}: the files in {final} pass torchvision's md5 checks; indexed them")
+            return final
+        with store.staging(final) as tmp:
+            if archive:
+                shutil.copyfile(archive, tmp / cls.filename)  # torchvision md5-checks it and skips the download
+                source = f"archive {Path(archive).resolve()}"
+            else:
+                source = cls.url
+                log(f"downloading {kind} from {cls.url}")
+            try:
+                cls(str(tmp), train=True, download=True)  # download, md5 of the archive, extract, md5 of each file
+            except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad checksum a RuntimeError
+                raise DataMissing(f"could not prepare {kind} from {source}: {e}; give --mirror URL (a server "
+                                  f"holding {cls.filename}) or --archive PATH") from None
+            write_manifest(tmp / spec.folder, kind, _count(cls, tmp), source=source)
+            store.publish(tmp / spec.folder, final)
+    log(f"prepared {kind} in {final}")
+    return final
+
+
+def _md5_ok(cls, root: Path) -> bool:
+    """torchvision's own checksums of every data file (what its constructor checks)."""
+    from torchvision.datasets.utils import check_integrity
+
+    return all(check_integrity(os.path.join(root, cls.base_folder, f), md5) for f, md5 in cls.train_list + cls.test_list)
+
+
+def _count(cls, root: Path) -> dict[str, int]:
+    return {"train": len(cls(str(root), train=True).data), "test": len(cls(str(root), train=False).data)}
 
 
 # --------------------------------------------------------------------------
@@ -229,11 +324,11 @@ class CifarData:
     ``n_val``; ``test``: the official test set (its first ``n_test`` when given).
     """
 
-    def __init__(self, kind: str, *, data_dir: str | None, download: bool, n_train: int, n_val: int,
+    def __init__(self, kind: str, *, data_dir: str | None, n_train: int, n_val: int,
                  n_test: int | None, device: torch.device, seed: int, augment: bool = True,
                  padding_mode: str = "zeros"):
         spec = _spec(kind)
-        raw = load_cifar(kind, data_dir, download)
+        raw = load_cifar(kind, data_dir)
         total = raw["train_x"].shape[0]
         if n_train + n_val > total:
             raise ConfigError(

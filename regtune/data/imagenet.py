@@ -7,6 +7,13 @@ the usual ImageNet preparation scripts. ``root``: the ``data_dir`` argument,
 else ``$REGTUNE_DATA_DIR/imagenet``, else ``~/.cache/regtune/data/imagenet``.
 Nothing is downloaded; a missing folder is an error that names it.
 
+``prepare_imagenet`` (CLI ``python -m studies prepare imagenet --source DIR``)
+checks an ImageFolder the user provides (train/ and val/ with the same class
+folders, image files counted per class) and writes ``regtune_index.json`` into
+the root the tasks read: in place when the source is that root, else into a new
+root whose ``train`` / ``val`` are links to the source's (the source is never
+written). The study driver checks the index before Ray starts (``problem``).
+
 Training batches are a pure function of ``(seed, step)``: the step-th chunk of
 a stream of per-epoch permutations, each image augmented (random-resized crop +
 horizontal flip, torchvision's standard ImageNet recipe) under a torch seed
@@ -19,6 +26,7 @@ per-class colour patterns + noise; PNG and JPEG files) for smoke studies and tes
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,13 +35,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from regtune.data import DataMissing
 from regtune.data.cifar import mix_seed, resolve_data_dir
 
+INDEX = "regtune_index.json"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-class ImageFolderMissing(FileNotFoundError):
+class ImageFolderMissing(DataMissing):
     """The ImageNet folder (or its train / val split) is not there."""
 
 
@@ -47,8 +57,97 @@ def check_image_folder(root: Path) -> None:
     if missing:
         raise ImageFolderMissing(
             f"ImageNet not found in data dir {str(root)!r}: missing {', '.join(missing)}. Expected torchvision"
-            " ImageFolder layout <data_dir>/{train,val}/<class>/<image>; set data_dir or $REGTUNE_DATA_DIR"
-            " (which must then hold an 'imagenet' folder).")
+            " ImageFolder layout <data_dir>/{train,val}/<class>/<image>; prepare it with: "
+            f"{prepare_command(root)} (or set data_dir / $REGTUNE_DATA_DIR, which then holds an 'imagenet' folder)")
+
+
+def prepare_command(root: Path, default: bool = False) -> str:
+    """The command that indexes (or links and indexes) an ImageFolder at ``root``."""
+    where = "" if default else f" --out-dir {root}"
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return f"python -m studies prepare imagenet{where} --source {root}"
+    return f"python -m studies prepare imagenet{where} --source DIR (your ImageFolder with train/ and val/)"
+
+
+# --------------------------------------------------------------------------
+# the index: checked once by `studies prepare`, cheaply by the driver before Ray starts
+def _is_image(name: str) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_image_folder(source: Path) -> dict:
+    """Classes and image counts of an ImageFolder's train/ and val/ (``ImageFolderMissing`` if it is not one)."""
+    check_image_folder(source)
+    counts: dict[str, dict[str, int]] = {}
+    for split in ("train", "val"):
+        per_class = {}
+        for entry in sorted(os.scandir(source / split), key=lambda e: e.name):
+            if entry.is_dir():
+                per_class[entry.name] = sum(1 for _, _, files in os.walk(entry.path, followlinks=True)
+                                            for f in files if _is_image(f))
+        counts[split] = per_class
+    train, val = counts["train"], counts["val"]
+    if not train or set(train) != set(val):
+        extra = sorted(set(train) ^ set(val))[:5]
+        raise ImageFolderMissing(f"{source}: train/ and val/ must hold the same class folders (differ in: "
+                                 f"{', '.join(extra) or 'no classes at all'})")
+    empty = [f"{s}/{c}" for s in counts for c, n in counts[s].items() if n == 0]
+    if empty:
+        raise ImageFolderMissing(f"{source}: class folders without images: {', '.join(empty[:5])}")
+    return {"format_version": 1, "classes": sorted(train), "images": {s: sum(counts[s].values()) for s in counts},
+            "per_class": counts}
+
+
+def problem(data_dir: str | os.PathLike | None = None, *, train: int = 1, val: int = 1) -> str | None:
+    """What is wrong with the ImageFolder the tasks read (``data_dir`` or the default), or None: its index
+    exists, every indexed class folder is there, and it counts enough images. Stats only, no listing."""
+    root = resolve_imagenet_dir(data_dir)
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        return f"missing {', '.join(str(root / s) for s in missing)}"
+    try:
+        index = json.loads((root / INDEX).read_text())
+    except (OSError, ValueError):
+        return f"{root} has train/ and val/ but no {INDEX} (not checked by studies prepare)"
+    gone = [f"{s}/{c}" for s in ("train", "val") for c in index.get("classes", []) if not (root / s / c).is_dir()]
+    if gone:
+        return f"{root}: {len(gone)} indexed class folders are gone (e.g. {gone[0]})"
+    for split, need in (("train", train), ("val", val)):
+        have = int(index.get("images", {}).get(split, 0))
+        if have < need:
+            return f"{root} has {have} {split} images, the task reads {need}"
+    return None
+
+
+def prepare_imagenet(source: str | os.PathLike | None = None, *, data_dir: str | os.PathLike | None = None,
+                     out_dir: str | os.PathLike | None = None, log=print) -> Path:
+    """Check and index the ImageFolder ``source`` for the tasks, which read ``out_dir`` (default
+    ``<data dir>/imagenet``). ``source`` None or equal to it: index in place. Else a new root with links
+    ``train`` / ``val`` to the source is built beside it and renamed into place, under a lock."""
+    from regtune.data import store
+
+    out = Path(out_dir).expanduser() if out_dir else resolve_data_dir(data_dir) / "imagenet"
+    src = Path(source).expanduser().resolve() if source else out.resolve()
+    with store.exclusive(out, log):
+        index = scan_image_folder(src)
+        index["source"] = str(src)
+        text = json.dumps(index, indent=1) + "\n"
+        if src == out.resolve():
+            store.write_text_atomic(out / INDEX, text)
+        else:
+            if (out / "train").is_dir() and not (out / "train").is_symlink():
+                raise ImageFolderMissing(f"{out} already holds an ImageFolder: index it with --source {out}, "
+                                         "or give another --out-dir")
+            with store.staging(out) as tmp:
+                for split in ("train", "val"):
+                    os.symlink(src / split, tmp / split)
+                (tmp / INDEX).write_text(text, encoding="utf-8")
+                store.publish(tmp, out)
+    log(f"indexed ImageFolder {src} for the tasks in {out}: {len(index['classes'])} classes, "
+        f"{index['images']['train']:,} train / {index['images']['val']:,} val images")
+    return out
 
 
 def train_transform(image_size: int):

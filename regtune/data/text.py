@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from regtune.data import DataMissing, store
 from regtune.space import ConfigError
 
 FORMAT_VERSION = 1
@@ -94,7 +95,7 @@ CORPORA: dict[str, Corpus] = {c.name: c for c in (
 )}
 
 
-class MissingTokensError(FileNotFoundError):
+class MissingTokensError(DataMissing):
     """Token files a task needs are not there; the message says how to make them."""
 
 
@@ -236,16 +237,19 @@ def prepare(
     text_dir: str | Path | None = None,
     tokenizer: str | None = None,
     vocab_size: int | None = None,
+    synthetic_lines: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``corpus`` once into ``out_dir`` (default ``<data_dir>/<corpus>/<tokenizer>``).
 
     ``text_dir``: local ``train.txt`` / ``valid.txt`` [/ ``test.txt``]; without
-    it the public corpus is read from the hub. ``tokenizer``: ``word``,
-    ``gpt2`` or ``local-bpe`` (default: the corpus's own, see ``CORPORA``);
-    ``vocab_size`` only for ``local-bpe`` (default 8192). Returns the meta dict
-    that is also written to ``meta.json`` (written last: its presence marks a
-    complete directory).
+    it the public corpus is read from the hub; ``synthetic_lines``: generated
+    text of that many training lines instead (smoke runs; kept in ``<out_dir>/text``).
+    ``tokenizer``: ``word``, ``gpt2`` or ``local-bpe`` (default: the corpus's own,
+    see ``CORPORA``); ``vocab_size`` only for ``local-bpe`` (default 8192).
+    The directory is built under a temporary name beside ``out_dir`` and renamed
+    into place, under a lock (``regtune.data.store``): a concurrent prepare waits,
+    a reader never sees a mixture. Returns the meta dict also written to ``meta.json``.
     """
     log = log or (lambda msg: None)
     if corpus not in CORPORA:
@@ -258,15 +262,37 @@ def prepare(
         raise ConfigError(f"vocab_size={vocab_size!r} is not allowed with tokenizer {tokenizer!r}: only local-bpe "
                           "takes a vocabulary size")
     out = Path(out_dir) if out_dir else token_dir(data_dir, corpus, tokenizer)
-    sources = local_sources(text_dir) if text_dir else hub_sources(spec, tokenizer)
-    documents = spec.documents and not text_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
+    if text_dir and Path(text_dir).resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"--text-dir {str(text_dir)!r} is not allowed inside the output directory {str(out)!r}, "
+                          "which prepare replaces")
+    sources = local_sources(text_dir) if text_dir and not synthetic_lines else None
+    with store.exclusive(out, log), store.staging(out) as tmp:
+        if synthetic_lines:
+            from regtune.data.synthetic_text import write_text_dir
+
+            n = max(50, synthetic_lines // 8)
+            sources = local_sources(write_text_dir(tmp / "text", train_lines=synthetic_lines, val_lines=n,
+                                                   test_lines=n))
+            source = f"synthetic:{out.resolve() / 'text'}"
+        else:
+            source = f"local:{Path(text_dir).resolve()}" if text_dir else f"hub:{spec.hub_id}"
+            sources = sources or hub_sources(spec, tokenizer)
+        documents = spec.documents and not (text_dir or synthetic_lines)
+        meta = _tokenize(tmp, corpus, tokenizer, vocab_size, sources, documents, source)
+        store.publish(tmp, out)
+    log(f"prepared {corpus} ({tokenizer}, vocab {meta['vocab_size']:,}) in {out}: "
+        + ", ".join(f"{s} {n:,} tokens" for s, n in meta["counts"].items()))
+    return meta
+
+
+def _tokenize(out: Path, corpus: str, tokenizer: str, vocab_size: int | None, sources: dict[str, Source],
+              documents: bool, source: str) -> dict[str, Any]:
+    """Write the token files of every split and ``meta.json`` into ``out``."""
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "corpus": corpus,
         "tokenizer": tokenizer,
-        "source": f"local:{Path(text_dir).resolve()}" if text_dir else f"hub:{spec.hub_id}",
+        "source": source,
         "documents": documents,
     }
     counts: dict[str, int] = {}
@@ -275,9 +301,9 @@ def prepare(
         for line in sources["train"]():
             vocab.add_line(line)
         dtype = _dtype_for(len(vocab.itos))
-        for split, source in sources.items():
+        for split, src in sources.items():
             w = _Writer(out / f"{split}.bin", dtype)
-            for line in source():
+            for line in src():
                 w.write(vocab.encode_line(line))
             counts[split] = w.close()
         (out / "vocab.json").write_text(json.dumps(vocab.itos, ensure_ascii=False), encoding="utf-8")
@@ -291,14 +317,14 @@ def prepare(
         tok.save(str(out / "tokenizer.json"))
         eot = tok.token_to_id(EOT)
         dtype = _dtype_for(tok.get_vocab_size())
-        for split, source in sources.items():
+        for split, src in sources.items():
             w = _Writer(out / f"{split}.bin", dtype)
             if documents:
-                for batch in _chunks(source(), _BATCH_DOCS):
+                for batch in _chunks(src(), _BATCH_DOCS):
                     for enc in tok.encode_batch(batch):
                         w.write(enc.ids + [eot])
             else:
-                for batch in _chunks(("".join(c) for c in _chunks(source(), _CHUNK_LINES)), 16):
+                for batch in _chunks(("".join(c) for c in _chunks(src(), _CHUNK_LINES)), 16):
                     for enc in tok.encode_batch(batch):
                         w.write(enc.ids)
                 w.write([eot])
@@ -306,9 +332,31 @@ def prepare(
         meta.update(vocab_size=tok.get_vocab_size(), eos_id=eot, eos_token=EOT, tokenizer_file="tokenizer.json")
     meta.update(dtype=dtype.name, counts=counts)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    log(f"prepared {corpus} ({tokenizer}, vocab {meta['vocab_size']:,}) in {out}: "
-        + ", ".join(f"{s} {n:,} tokens" for s, n in counts.items()))
     return meta
+
+
+def tokens_problem(directory: str | Path, *, tokens: int = 1) -> str | None:
+    """What is wrong with a prepared token directory for a task reading windows of ``tokens`` tokens, or None:
+    ``meta.json``, every split file with the size ``meta.json`` promises, train and val long enough. Stats only."""
+    directory = Path(directory)
+    missing = [name for name in REQUIRED if not (directory / name).is_file()]
+    if missing:
+        return f"missing {directory}/{{{', '.join(missing)}}}"
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        counts = {k: int(v) for k, v in meta["counts"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{directory}/meta.json is unreadable ({type(e).__name__})"
+    for split, count in counts.items():
+        path = directory / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else 0
+        if size != count * itemsize:
+            return f"{path} holds {size} bytes, meta.json promises {count * itemsize}"
+    for split in ("train", "val"):
+        if counts.get(split, 0) < tokens:
+            return f"{directory}: the {split} split has {counts.get(split, 0)} tokens, a window needs {tokens}"
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -396,17 +444,9 @@ def prepare_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--synthetic-lines", type=int,
                    help="generate this many lines of synthetic training text (smoke runs) instead of reading any")
     args = p.parse_args(argv)
-    text_dir = args.text_dir
-    if args.synthetic_lines:
-        from regtune.data.synthetic_text import write_text_dir
-
-        tok = args.tokenizer or CORPORA[args.corpus].default_tokenizer
-        root = Path(args.out_dir) if args.out_dir else token_dir(args.data_dir, args.corpus, tok)
-        text_dir = write_text_dir(root / "text", train_lines=args.synthetic_lines,
-                                  val_lines=max(50, args.synthetic_lines // 8), test_lines=max(50, args.synthetic_lines // 8))
     try:
-        prepare(args.corpus, out_dir=args.out_dir, data_dir=args.data_dir, text_dir=text_dir,
-                tokenizer=args.tokenizer, vocab_size=args.vocab_size, log=print)
+        prepare(args.corpus, out_dir=args.out_dir, data_dir=args.data_dir, text_dir=args.text_dir,
+                tokenizer=args.tokenizer, vocab_size=args.vocab_size, synthetic_lines=args.synthetic_lines, log=print)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2

@@ -71,6 +71,8 @@ class Task:
     size_method_defaults: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     # what one trial of this task asks the scheduler for, e.g. {"cpu": 2, "gpu": 0.25}
     resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    # resolved config -> the data sets its trials read (regtune.data.check.Need); None: made in memory
+    data: Callable[[Mapping[str, Any]], tuple[Any, ...]] | None = None
 
     @property
     def hparam_map(self) -> dict[str, HParam]:

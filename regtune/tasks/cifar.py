@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regtune.data.check import Need
 from regtune.data.cifar import CifarData
 from regtune.models.resnet_cifar import resnet18_cifar
 from regtune.models.vgg import vgg11_nodropout, vgg16_bn
@@ -53,7 +54,7 @@ class CifarInstance:
     def __init__(self, kind: str, make_model: Callable[[int, Mapping[str, Any]], nn.Module],
                  config: Mapping[str, Any], device: torch.device):
         self.data = CifarData(
-            kind, data_dir=config["data_dir"], download=config["download"], n_train=config["n_train"],
+            kind, data_dir=config["data_dir"], n_train=config["n_train"],
             n_val=config["n_val"], n_test=config["n_test"], device=device, seed=config["seed"],
             augment=config["augment"], padding_mode=config["padding_mode"])
         self.num_classes = self.data.num_classes
@@ -81,7 +82,6 @@ def data_hparams(*, padding_mode: str = "zeros", label_smoothing: float = 0.0) -
     return (
         HParam("data_dir", None, "CIFAR data dir (null: $REGTUNE_DATA_DIR or ~/.cache/regtune/data)",
                kind=str, nullable=True),
-        HParam("download", False, "download CIFAR into data_dir when missing (needs network)", kind=bool),
         HParam("n_train", 40000, "training images: the first n_train of the training set", kind=int, low=1),
         HParam("n_val", 10000, "validation images: the last n_val of the training set", kind=int, low=1),
         HParam("n_test", None, "test images: the first n_test of the test set (null: all)", kind=int, low=1,
@@ -95,6 +95,13 @@ def data_hparams(*, padding_mode: str = "zeros", label_smoothing: float = 0.0) -
         HParam("label_smoothing", label_smoothing, "label smoothing of the cross-entropy", low=0.0, high=1.0,
                high_open=True),
     )
+
+
+def cifar_data(kind: str) -> Callable[[Mapping[str, Any]], tuple[Need, ...]]:
+    """The CIFAR files a config reads (for the driver's check before Ray starts)."""
+    def data(c: Mapping[str, Any]) -> tuple[Need, ...]:
+        return (Need(kind, c["data_dir"], train=c["n_train"] + c["n_val"], held_out=c["n_test"] or 1),)
+    return data
 
 
 def _resnet18(num_classes: int, c: Mapping[str, Any]) -> nn.Module:
@@ -145,6 +152,7 @@ def _implicit_task(name: str, kind: str, make_model, extra: tuple[HParam, ...], 
         size_method_defaults=SMOKE_METHODS,
         splits=("val", "test"),
         resources=dict(GPU_RESOURCES),
+        data=cifar_data(kind),
     ))
 
 
@@ -193,4 +201,5 @@ CIFAR100_RESNET18_CPR = register_task(Task(
     },
     splits=("val", "test"),
     resources=dict(GPU_RESOURCES),
+    data=cifar_data("cifar100"),
 ))

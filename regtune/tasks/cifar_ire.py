@@ -48,7 +48,7 @@ from regtune.models.vit import vit_cifar
 from regtune.models.wrn import wrn28_10
 from regtune.space import ConfigError, HParam
 from regtune.tasks.base import Task, maybe_bf16, register_task
-from regtune.tasks.cifar import GPU_RESOURCES, CifarInstance, data_hparams
+from regtune.tasks.cifar import GPU_RESOURCES, CifarInstance, cifar_data, data_hparams
 
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
              "NeurIPS 2024, arXiv:2405.20763")
@@ -145,6 +145,7 @@ def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: 
         method_defaults=method_defaults,
         splits=("val", "test"),
         resources=dict(GPU_RESOURCES),
+        data=cifar_data(kind),
     ))
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regtune.data.check import Need
 from regtune.data.imagenet import ImageFolderData
 from regtune.models.vit import vit_s16
 from regtune.space import ConfigError, HParam
@@ -115,6 +116,10 @@ SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
 ADAMW_METHODS = ("adamw", "adamw_ire", "adamcpr", "adamcpr_ire", "sam", "sam_ire")
 
 
+def _data(c: Mapping[str, Any]) -> tuple[Need, ...]:
+    return (Need("imagenet", c["data_dir"], train=c["train_limit"] or 1, held_out=c["val_limit"] or 1),)
+
+
 def _epochs(n: float, batch: int) -> int:
     return round(n * TRAIN_IMAGES / batch)
 
@@ -131,6 +136,7 @@ register_task(Task(
     method_defaults={m: {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4} for m in SGD_METHODS},
     size_method_defaults={"smoke": {"*": {"ire_start": 0}}},
     resources=dict(GPU_RESOURCES),
+    data=_data,
 ))
 
 register_task(Task(
@@ -153,4 +159,5 @@ register_task(Task(
     },
     size_method_defaults={"smoke": {"*": {"ire_start": 0}}},
     resources=dict(GPU_RESOURCES),
+    data=_data,
 ))

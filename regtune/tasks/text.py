@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regtune.data.check import Need
 from regtune.data.text import TOKENIZERS, eval_starts, load_tokens, token_dir, train_starts, window_batch
 from regtune.models.hf_lm import GPT2_SMALL, LLAMA_PRESETS, build_gpt2, build_llama
 from regtune.models.small_lm import SmallTransformerLM
@@ -145,6 +146,13 @@ def _hparams(shape: Mapping[str, int], *, batch_size: int, context: int, tokeniz
     )
 
 
+def _data(corpus: str):
+    def data(c: Mapping[str, Any]) -> tuple[Need, ...]:  # a window is context + 1 tokens, in train and val
+        return (Need(corpus, c["data_dir"], train=c["context"] + 1, held_out=c["context"] + 1,
+                     tokenizer=c["tokenizer"]),)
+    return data
+
+
 def _builder(corpus: str, arch: str):
     def build(config: Mapping[str, Any], device: torch.device) -> TextLMInstance:
         return TextLMInstance(config, device, corpus=corpus, arch=arch)
@@ -164,6 +172,7 @@ def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, accum_s
     return register_task(Task(
         name=name,
         build=_builder(corpus, "llama"),
+        data=_data(corpus),
         hparams=_hparams(shape, batch_size=batch_size, context=shape["context"], tokenizer="gpt2", dropout=0.0,
                          eval_batches=50, eval_batch_size=16),
         doc=doc,
@@ -191,6 +200,7 @@ def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, accum_s
 WIKITEXT2_TRANSFORMER = register_task(Task(
     name="wikitext2_transformer",
     build=_builder("wikitext2", "small"),
+    data=_data("wikitext2"),
     hparams=_hparams({"d_model": 128, "n_layers": 2, "n_heads": 8, "d_mlp": 512}, batch_size=32, context=35,
                      tokenizer="word", dropout=0.2, eval_batches=None, eval_batch_size=None),
     doc="word-level WikiText-2, 2-layer post-LN transformer (d 128, 8 heads, ff 512), batch 32",
@@ -225,6 +235,7 @@ OPENWEBTEXT_LLAMA229M = _llama_task(
 OPENWEBTEXT_GPT2S = register_task(Task(
     name="openwebtext_gpt2s",
     build=_builder("openwebtext", "gpt2"),
+    data=_data("openwebtext"),
     hparams=_hparams(GPT2_SMALL, batch_size=480, context=GPT2_SMALL["context"], tokenizer="gpt2", dropout=0.0,
                      eval_batches=50, eval_batch_size=16),
     doc="OpenWebText (GPT-2 BPE), GPT-2 small (124M), context 1024, batch 480, 200k steps; report perplexity",
