@@ -31,6 +31,7 @@ WEIGHT_DECAY = LogUniform(1e-5, 1.0)
 SAM_RHO = LogUniform(0.01, 0.5)
 IRE_RANK = Uniform(0.01, 0.9)
 IRE_PROG = Uniform(0.0, 6.0)
+IRE_START_FRAC = Uniform(0.0, 0.7)  # IRE's start as a share of the budget (the CIFAR reference: 0.35)
 
 # the names the paper's tables use for our methods
 ROW_NAMES = {"sgd": "SGD", "sgd_ire": "SGD-IRE", "sam": "SAM", "sam_ire": "SAM-IRE",
