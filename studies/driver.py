@@ -91,6 +91,7 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
             "trial_id": trial_id, "budget": budget, "metric": task.metric, "mode": task.mode,
             "row": cell.row, "col": cell.col, "searched": json.dumps(searched),
             "speedup_baseline": cell.speedup_baseline,
+            "speedup_metric": cell.speedup_metric, "speedup_mode": cell.speedup_mode,
             "published/value": pub.value if pub else math.nan,
             "published/source": pub.source if pub else None,
             "published/metric": pub.metric if pub else None,

@@ -39,7 +39,7 @@ def test_cifar_ire_starts_at_35_percent_of_the_steps(method):
 def test_absolute_ire_start_still_works_and_both_at_once_is_an_error():
     c, opt = _ire_optimizer("sgd_ire", {"task": "cifar10_resnet56", "ire_start": 123})
     assert opt.start == 123 and c["ire_start_frac"] is None  # the user's step replaces the task's default share
-    _, opt = _ire_optimizer("adamw_ire", {"task": "wikitext2_transformer"})
+    _, opt = _ire_optimizer("adamw_ire", {"task": "grokking"})
     assert opt.start == 0  # no task default: IRE from the first step, as before
     _, opt = _ire_optimizer("adamw_ire", {"task": "wikitext103_llama60m"})
     assert opt.start == 1000  # the task's absolute default (end of warmup) is untouched
@@ -105,3 +105,46 @@ def test_tasks_without_the_flag_score_the_test_split_only_at_the_end(tmp_path):
     reports = list(Run("sgd", {**base, "test_every_eval": False}).reports())
     assert "test/accuracy" not in reports[0] and "test/accuracy_max" not in reports[-1]
     assert math.isfinite(reports[-1]["test/accuracy"])
+
+
+# --------------------------------------------------------------------------
+# the language studies' speed-ups: the paper's quantities
+@pytest.mark.parametrize("scale", ["paper", "smoke"])
+def test_ire_llama_has_a_2t_adamw_cell_per_task_and_measures_the_speedup_against_it(scale):
+    from studies.ire_llama import STUDY
+
+    tasks = ("wikitext103_llama60m", "minipile_llama119m", "openwebtext_llama229m")
+    for task in tasks:
+        cells = {c.name: c for c in STUDY.cells if c.task == task}
+        assert set(cells) == {f"{task}-adamw", f"{task}-adamw-2T", f"{task}-adamw_ire"}
+        steps = {}
+        for name, c in cells.items():
+            fixed, searched = cell_configs(STUDY, c, scale)
+            steps[name] = resolve_config(c.method, {**fixed, **c.points[0]})["steps"]
+        t = steps[f"{task}-adamw"]
+        assert t == {"paper": {"wikitext103_llama60m": 50_000, "minipile_llama119m": 30_000,
+                               "openwebtext_llama229m": 50_000}[task], "smoke": 60}[scale]
+        assert steps[f"{task}-adamw_ire"] == t and steps[f"{task}-adamw-2T"] == 2 * t
+        ire = cells[f"{task}-adamw_ire"]
+        assert ire.speedup_baseline == f"{task}-adamw-2T" and ire.speedup_mode == "baseline_reaches_final"
+        assert ire.speedup_metric == "val/loss" and ire.published["speedup"].metric == "speedup"
+
+
+def test_ire_wikitext2_speedup_is_on_the_training_loss_with_ire_from_step_3000():
+    from studies.ire_wikitext2 import STUDY
+
+    ire = STUDY.cell("wikitext2_transformer-adamw_ire")
+    assert ire.speedup_metric == "train/loss" and ire.speedup_mode == "reach_baseline_final"
+    assert ire.published["speedup"].value == 5.4 and ire.published["train/loss"].value == 2.35
+    fixed, _ = cell_configs(STUDY, ire, "paper")
+    c = resolve_config("adamw_ire", {**fixed, **ire.points[0]})
+    assert c["steps"] == 100_000 and c["ire_start"] == 3000 and c["warmup_steps"] == 3000
+
+
+def test_check_study_rejects_an_unknown_speedup_mode():
+    from studies.spec import Cell, Scale, Study
+
+    cells = (Cell("a", "wikitext2_transformer", "adamw"),
+             Cell("b", "wikitext2_transformer", "adamw_ire", speedup_baseline="a", speedup_mode="faster"))
+    with pytest.raises(ValueError, match="speedup_mode='faster' is not allowed"):
+        check_study(Study("mini", "d", "p", cells, {"smoke": Scale(1, {"size": "smoke"})}), "smoke")

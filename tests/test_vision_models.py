@@ -64,7 +64,9 @@ def test_cifar_ire_task_defaults():
                  "cifar100_vit_t", "cifar100_vit_s"):
         task = get_task(name)
         assert task.loop_defaults["steps"] == 62500 and task.loop_defaults["lr_schedule"] == "warmup_cosine"
-        assert task.method_defaults["sgd_ire"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+        # IRE from 35% of training: epoch 70 of 200 in the reference code
+        assert task.method_defaults["sgd_ire"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                                                   "ire_start_frac": 0.35}
     from regtune.methods import resolve_config
     c = resolve_config("sam", {"task": "cifar100_vit_s"})
     assert c["sam_base"] == "adamw" and c["lr"] == 1e-3 and c["label_smoothing"] == 0.1
