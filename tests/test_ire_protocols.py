@@ -18,6 +18,15 @@ from regtune.space import ConfigError
 from studies.spec import cell_configs, check_study
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one torch thread (and do not fight other processes for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _ire_optimizer(method: str, config: dict):
     c = resolve_config(method, config)
     model = torch.nn.Linear(3, 2)
@@ -71,7 +80,7 @@ def test_ire_cifar_studies_search_the_start_as_a_share_of_the_budget():
     assert all("test/accuracy" in c.published for c in vit.cells)
 
 
-def test_best_test_accuracy_over_evaluations_is_reported_beside_the_final(tmp_path):
+def test_best_test_accuracy_over_evaluations_is_reported_beside_the_final(tmp_path, one_thread):
     data = write_fake_cifar(tmp_path, "cifar10", n_train=384, n_test=128)
     config = {"task": "cifar10_resnet56", "size": "smoke", "data_dir": str(data), "steps": 6, "eval_every": 1,
               "lr": 0.5, "ire_start_frac": 0.5}
@@ -99,7 +108,7 @@ def test_best_test_accuracy_over_evaluations_is_reported_beside_the_final(tmp_pa
     assert [r["test/accuracy_max"] for r in head + tail] == pytest.approx([r["test/accuracy_max"] for r in reports])
 
 
-def test_tasks_without_the_flag_score_the_test_split_only_at_the_end(tmp_path):
+def test_tasks_without_the_flag_score_the_test_split_only_at_the_end(tmp_path, one_thread):
     data = write_fake_cifar(tmp_path, "cifar10", n_train=384, n_test=128)
     base = {"task": "cifar10_resnet56", "size": "smoke", "data_dir": str(data), "steps": 2, "eval_every": 1}
     reports = list(Run("sgd", {**base, "test_every_eval": False}).reports())
