@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
+from regtune.report_protocol import protocol_sections
 from regtune.report_speedup import add_speedups
 
 matplotlib.use("Agg")
@@ -224,6 +225,7 @@ def build_report(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, *, t
     parts += ["## Best configuration per cell", "", cell_table(best), "",
               "Accuracies in percent. 'ours' is the final value of the cell's metric for the best trial"
               " that ran the full budget.", "", f"![validation curves]({png.name})", ""]
+    parts += protocol_sections(best)  # best-over-evaluations test accuracy; each cell's data source
     md = out_dir / "report.md"
     md.write_text("\n".join(parts))
     return [md, png]

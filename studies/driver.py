@@ -34,7 +34,7 @@ from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
-from studies import guard
+from studies import guard, provenance
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
@@ -101,6 +101,7 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
         last_step = int(reports[-1]["step"])
         errored = any((tdir / f).exists() for f in ("error.txt", "error.pkl")) and last_step < budget \
             and not reports[-1].get("diverged")
+        meta["data_source"] = provenance.cell_data_source(cell, config)
         trials.append(trial_row(meta, config, reports, errored=errored, threshold=study.threshold))
         curves.extend(curve_rows(meta, reports))
     return trials, curves
@@ -301,6 +302,7 @@ def run_study(
     sc = study.scales[scale]
     sdir = study_dir(storage, study, scale)
     guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
+    provenance.check_paper_data(study, scale, overrides)  # paper scale: no generated or too-small data
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies
     lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind

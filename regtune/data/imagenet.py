@@ -187,4 +187,8 @@ def write_fake_imagenet(root: str | os.PathLike, *, num_classes: int = 4, train_
                 pixels = np.clip(base + rng.randint(0, 40, size=base.shape), 0, 255).astype(np.uint8)
                 ext = "png" if i % 2 == 0 else "JPEG"
                 Image.fromarray(pixels).save(folder / f"{split}_{c}_{i}.{ext}")
+    from regtune.data.provenance import mark_generated
+
+    mark_generated(root, by="regtune.data.imagenet.write_fake_imagenet",
+                   what=f"{num_classes} classes x {train_per_class} train / {val_per_class} val images of {size} px")
     return root

@@ -6,7 +6,8 @@ OpenWebText) and the CPR paper's GPT-2 run (Franke et al., NeurIPS 2024,
 https://arxiv.org/abs/2311.09058: OpenWebText). Layout as in nanoGPT: a token
 directory holds ``train.bin``, ``val.bin`` (and ``test.bin`` where the corpus
 has one) as flat uint16/uint32 arrays plus ``meta.json`` (vocabulary size,
-tokenizer, dtype, end-of-text id, token counts). Trials open them with
+tokenizer, dtype, end-of-text id, token counts; ``"generated": true`` when the
+text came from ``regtune.data.synthetic_text``, see ``regtune.data.provenance``). Trials open them with
 ``np.memmap``; nothing is tokenized at train time.
 
 Tokenizers:
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from regtune.data.provenance import generated_mark
 from regtune.space import ConfigError
 
 FORMAT_VERSION = 1
@@ -269,6 +271,10 @@ def prepare(
         "source": f"local:{Path(text_dir).resolve()}" if text_dir else f"hub:{spec.hub_id}",
         "documents": documents,
     }
+    mark = generated_mark(text_dir) if text_dir else None
+    if mark:  # generated text (regtune.data.synthetic_text): paper-scale studies refuse it
+        meta.update(generated=True, generated_by=mark.get("by", "unknown"),
+                    source=f"generated:{Path(text_dir).resolve()}")
     counts: dict[str, int] = {}
     if tokenizer == "word":
         vocab = WordVocab()
