@@ -112,7 +112,10 @@ def maybe_bf16(enabled: bool):
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of correct argmax predictions (targets < 0 are ignored)."""
+    """Share of correct argmax predictions (targets < 0 are ignored). Soft targets (class probabilities, e.g.
+    Mixup / CutMix) count their most likely class."""
+    if targets.is_floating_point() and targets.dim() == logits.dim():
+        targets = targets.argmax(dim=-1)
     pred = logits.argmax(dim=-1)
     keep = targets >= 0
     n = int(keep.sum())
