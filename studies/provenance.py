@@ -35,8 +35,9 @@ def refusal(cell: str, source: DataSource) -> str | None:
                 "a paper-scale run needs the real data set (prepare it, e.g. `python -m studies prepare CORPUS` "
                 "without --synthetic-lines, or point data_dir / $REGTUNE_DATA_DIR at it)")
     if source.too_small:
+        about = "about " if source.approximate else ""
         return (f"data_dir of cell {cell!r} is too small for the paper preset: {source.path} holds "
-                f"{'about ' if source.approximate else ''}{source.size:,} {source.unit} of {source.name}, expected at least {source.needed:,}")
+                f"{about}{source.size:,} {source.unit} of {source.name}, expected at least {source.needed:,}")
     return None
 
 

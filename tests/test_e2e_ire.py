@@ -77,6 +77,10 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
     assert {c.data.tags["cell"] for c in children} == {c.name for c in study.cells}
 
     md = (sdir / "report" / "report.md").read_text()
+    # every row and the report name the data: here the smoke hooks' generated stand-ins
+    assert trials["data_source"].str.contains("GENERATED stand-in").all(), trials["data_source"]
+    sources = md.split("## Data source per cell", 1)[1]
+    assert all(f"- {c.name}: " in sources for c in study.cells)
     table = report_table(md, "Published table: ours (published)")
     header = table.pop("")
     assert header == list(dict.fromkeys(c.col for c in study.cells))
@@ -94,7 +98,7 @@ def check_speedups(md: str, trials: pd.DataFrame, curves: pd.DataFrame, tasks: l
         base = trials[trials["cell"] == ire["speedup_baseline"]].iloc[0]
         metric, mode = ire["speedup_metric"], ire["speedup_mode"]
 
-        def curve(r):
+        def curve(r, metric=metric):
             c = curves[curves["trial_id"] == r["trial_id"]].sort_values("step")
             return list(zip(c["step"], c[metric]))
 
@@ -127,6 +131,10 @@ def test_ire_cifar(tmp_path_factory):
     md = check_common("ire_cifar", sdir, trials, curves)
     assert (trials["config/momentum"] == 0.9).all() and (trials["config/weight_decay"] == 5e-4).all()
     assert trials["final/test/accuracy"].between(0, 1).all()
+    # Table 1's metric: the best test accuracy over the reports, beside the final one
+    assert (trials["final/test/accuracy_max"] >= trials["final/test/accuracy"]).all()
+    assert (trials["published/metric"] == "test/accuracy_max").all()
+    assert "## Test accuracy: best over evaluations and final" in md
     assert "| SAM-IRE | " in md and "(96.7)" in md and "Speed-up" not in md
     assert (sdir / "data" / "cifar-10-batches-py" / "data_batch_1").is_file()
 

@@ -14,7 +14,7 @@ from regtune.data.imagenet import write_fake_imagenet
 from regtune.data.provenance import GENERATED_FILE, task_data_source
 from regtune.data.synthetic_text import make_smoke_data, write_text_dir
 from regtune.data.text import prepare
-from regtune.report_protocol import data_source_lines, accuracy_over_evals_table
+from regtune.report_protocol import accuracy_over_evals_table, data_source_lines
 from regtune.space import ConfigError
 from studies.provenance import cell_data_source, check_paper_data
 from tests.conftest import run_cli
