@@ -129,6 +129,8 @@ def resolve_config(method_name: str, config: Mapping[str, Any]) -> dict[str, Any
     _drop_exclusive_defaults(method, layered, config)
     layered.update(config)
     resolved = validate_config(layered, hparams, where)
+    if task.finalize is not None:
+        task.finalize(resolved, config)
     _check_exclusive(method, resolved, where)
     if method.check is not None:
         method.check(resolved)

@@ -17,7 +17,8 @@ Where we knowingly differ: the paper does not state the IRE rank / prog of
 Table 1; Optuna's first point uses the method defaults (rank 0.2, prog 2) and
 the search covers rank 0.01..0.9, prog 0..6. As every CIFAR task here, the
 search holds out 10000 training images for validation (best checkpoint); the
-paper size trains 200 epochs of the 40000 it trains on (62500 steps).
+paper size trains 200 epochs of the training images it uses (``epochs``: 62500
+steps of the 40000, 78125 if a run trains on all 50000).
 """
 
 from __future__ import annotations

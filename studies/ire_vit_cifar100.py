@@ -14,7 +14,8 @@ cosine, label smoothing 0.1; SAM rho 0.05; IRE rank 0.2, prog 2), and the
 search covers lr, weight decay, rho, rank, prog and IRE's start as a share of
 the budget (``ire_start_frac``, first point 0.35: epoch 70 of 200 as in the
 reference CIFAR code). 10000 training images are held out for validation; the
-paper size trains 200 epochs of the 40000 (62500 steps). Table 3 does not say
+paper size trains 200 epochs of the training images it uses (62500 steps of
+the 40000; 78125 of all 50000). Table 3 does not say
 whether it reports the final or the best test accuracy over epochs: the
 published table compares with the final test accuracy, and the report prints
 the best over the reports (``test/accuracy_max``, Table 1's metric) beside it.

@@ -157,3 +157,14 @@ def test_check_study_rejects_an_unknown_speedup_mode():
              Cell("b", "wikitext2_transformer", "adamw_ire", speedup_baseline="a", speedup_mode="faster"))
     with pytest.raises(ValueError, match="speedup_mode='faster' is not allowed"):
         check_study(Study("mini", "d", "p", cells, {"smoke": Scale(1, {"size": "smoke"})}), "smoke")
+
+
+def test_paper_size_trains_200_epochs_of_the_training_set_it_uses():
+    c = resolve_config("sgd", {"task": "cifar100_resnet56"})
+    assert c["epochs"] == 200 and c["n_train"] == 40000 and c["steps"] == 62500
+    full = resolve_config("sgd_ire", {"task": "cifar10_wrn28_10", "n_train": 50000, "n_val": 1})
+    assert full["steps"] == 200 * 50000 // 128 == 78125  # all 50000 images (the reference's training set)
+    assert ire_start_step(full) == round(0.35 * 78125)  # IRE's start follows the budget
+    assert resolve_config("adamw", {"task": "cifar100_vit_t", "batch_size": 100, "epochs": 3})["steps"] == 1200
+    assert resolve_config("sgd", {"task": "cifar10_resnet56", "steps": 7})["steps"] == 7  # steps set: it wins
+    assert resolve_config("sgd", {"task": "cifar10_resnet56", "size": "smoke"})["steps"] == 4

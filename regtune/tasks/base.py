@@ -71,6 +71,9 @@ class Task:
     size_method_defaults: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     # what one trial of this task asks the scheduler for, e.g. {"cpu": 2, "gpu": 0.25}
     resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    # (resolved config, the user's own config) -> None: fills derived values after validation
+    # (e.g. the CIFAR IRE tasks' steps from epochs of the training images)
+    finalize: Callable[[dict[str, Any], Mapping[str, Any]], None] | None = None
 
     @property
     def hparam_map(self) -> dict[str, HParam]:

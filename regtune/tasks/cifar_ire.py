@@ -26,9 +26,10 @@ accuracy.
 
 Where we knowingly differ: the reference trains on all 50000 training images;
 the search holds out 10000 for validation (as every CIFAR task here), which
-costs some accuracy for every method alike; the paper size trains 200 epochs
-of the ``n_train`` images it uses (62500 steps of 40000 images; 78125 steps
-would be 200 epochs of all 50000). The test maximum is taken over the reports
+costs some accuracy for every method alike. The paper size trains 200 epochs
+(``epochs``) of the ``n_train`` images it uses: ``steps`` follows ``n_train``
+(62500 steps of 40000 images, 78125 of all 50000) unless a config sets
+``steps`` itself. The test maximum is taken over the reports
 (every 2 epochs at the paper size), not over every epoch. ``sgd``'s
 weight decay applies to conv / linear weights only (regtune.optim.groups), not
 to BatchNorm parameters and biases.
@@ -48,6 +49,7 @@ Sizes: ``paper`` and ``smoke`` (tiny models, 256 / 128 / 128 images written by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,7 +67,8 @@ from regtune.tasks.cifar import GPU_RESOURCES, CifarInstance, data_hparams
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
              "NeurIPS 2024, arXiv:2405.20763")
 EPOCH_STEPS = -(-40000 // 128)  # 313 steps per epoch of the 40000 training images at batch 128
-PAPER_STEPS = 200 * 40000 // 128  # 200 epochs
+PAPER_EPOCHS = 200
+PAPER_STEPS = PAPER_EPOCHS * 40000 // 128  # 200 epochs of the 40000 training images
 
 SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
@@ -80,6 +83,9 @@ SMOKE_DATA = {"n_train": 256, "n_val": 128, "n_test": 128, "batch_size": 16, "ev
 
 IRE_START_FRAC = 0.35  # the reference code's IRE_start_epoch 70 of 200 epochs
 AUTOCAST = HParam("autocast_bf16", True, "bf16 autocast of the forward on CUDA (ignored on CPU)", kind=bool)
+EPOCHS = HParam("epochs", None, "train this many epochs of the n_train images: steps = ceil(epochs x n_train /"
+                " batch_size), unless the config sets steps itself (null: use steps)", low=0.0, low_open=True,
+                nullable=True)
 TEST_EVERY_EVAL = HParam("test_every_eval", True, "score the test split at every report too, so test/accuracy_max"
                          " (the best test accuracy over evaluations: IRE Table 1's metric) can be reported", kind=bool)
 
@@ -99,6 +105,13 @@ class AutocastCifarInstance(CifarInstance):
 
     def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+
+
+def steps_from_epochs(c: dict[str, Any], user: Mapping[str, Any]) -> None:
+    """``steps`` = ``epochs`` of the ``n_train`` training images at ``batch_size`` (rounded up), unless the
+    user's config sets ``steps``: the paper size trains 200 epochs of whatever training set it uses."""
+    if c.get("epochs") is not None and "steps" not in user:
+        c["steps"] = max(1, math.ceil(c["epochs"] * c["n_train"] / c["batch_size"]))
 
 
 def _model_error(key: str, value: Any, allowed: str) -> ConfigError:
@@ -156,14 +169,15 @@ def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: 
     return register_task(Task(
         name=name,
         build=lambda config, device, _k=kind, _m=make_model: AutocastCifarInstance(_k, _m, config, device),
-        hparams=hparams + extra + (AUTOCAST, TEST_EVERY_EVAL),
+        hparams=hparams + extra + (AUTOCAST, TEST_EVERY_EVAL, EPOCHS),
         doc=doc,
         paper=IRE_PAPER,
-        sizes={"paper": {}, "smoke": {**SMOKE_DATA, **smoke}},
+        sizes={"paper": {"epochs": PAPER_EPOCHS}, "smoke": {**SMOKE_DATA, **smoke, "epochs": None}},
         loop_defaults=dict(VIT_LOOP if vit else CNN_LOOP),
         method_defaults=method_defaults,
         splits=("val", "test"),
         resources=dict(GPU_RESOURCES),
+        finalize=steps_from_epochs,
     ))
 
 
