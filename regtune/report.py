@@ -94,7 +94,11 @@ def cell_table(best: pd.DataFrame) -> str:
             s = r.get("steps_to_threshold")
             cells += ["never" if s is None or math.isnan(s) else f"{int(s)}"]
         pub_cfg = r.get("published/config")
-        cells += [_fmt_published(r.get("published/value")), pub_cfg if isinstance(pub_cfg, str) and pub_cfg != "{}" else "-",
+        pub_metric = r.get("published/metric")  # name the published quantity where it is not the cell's metric
+        pub_text = _fmt_published(r.get("published/value"))
+        if isinstance(pub_metric, str) and pub_metric != metric and pub_text != "-":
+            pub_text += f" ({pub_metric})"
+        cells += [pub_text, pub_cfg if isinstance(pub_cfg, str) and pub_cfg != "{}" else "-",
                   r.get("published/source") if isinstance(r.get("published/source"), str) else "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -139,7 +139,7 @@ def add_speedups(best, curves, metric: str = SPEEDUP_METRIC):
         return best, ""
     text = ["## Speed-up over the baseline", ""]
     for (mode, m), rows in tables.items():
-        text += [*_intro(mode, m), "", *rows, ""]
+        text += [*_intro(mode, m), *rows, ""]
     text += [*lines, ""]
     return best, "\n".join(text)
 

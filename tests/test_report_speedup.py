@@ -102,3 +102,32 @@ def test_speedup_on_the_training_loss_with_the_published_value_in_the_table():
     out, md = add_speedups(best, curves)
     assert out.loc[1, "final/speedup"] == pytest.approx(40 / 15)  # on train/loss; on val/loss: never reached
     assert "| t | adamw-2T | ire | 3 (40) | 15 | 2.67x | 5.4x |" in md and "final train/loss 3 (step 40)" in md
+
+
+def test_built_report_keeps_the_speedup_table_whole_and_labels_a_published_speedup(tmp_path):
+    """The 2T protocol through build_report: the table rows follow its header, the published table puts our
+    speed-up beside the paper's, and the per-cell table names the published quantity (not the cell's val/loss)."""
+    import json
+
+    import pandas as pd
+
+    from regtune.report import build_report
+
+    rows, curves = [], []
+    for i, (cell, method, steps, slope, base, mode, pub) in enumerate([
+            ("a2t", "adamw", 200, 0.01, "", "reach_baseline_final", None),
+            ("ire", "adamw_ire", 100, 0.017, "a2t", "baseline_reaches_final", 2.1)]):
+        rows.append({"study": "s", "scale": "smoke", "cell": cell, "cell_index": i, "task": "tk", "method": method,
+                     "trial_id": f"t{i}", "budget": steps, "metric": "val/loss", "mode": "min", "row": cell,
+                     "col": "LLaMA", "searched": "[]", "speedup_baseline": base, "speedup_metric": "val/loss",
+                     "speedup_mode": mode, "status": "completed", "steps": steps, "full_budget": True,
+                     "final/val/loss": 4 - slope * steps, "published/value": pub or math.nan,
+                     "published/metric": "speedup" if pub else None, "published/source": "paper",
+                     "published/config": None, "published/values": json.dumps({"speedup": pub}) if pub else None})
+        curves += [{"cell": cell, "trial_id": f"t{i}", "step": s, "val/loss": 4 - slope * s} for s in range(0, steps + 1, 10)]
+    md = build_report(pd.DataFrame(rows), pd.DataFrame(curves), tmp_path, title="t")[0].read_text()
+    lines = md.splitlines()
+    sep = next(i for i, ln in enumerate(lines) if ln.startswith("| task | baseline (its schedule) |")) + 1
+    assert lines[sep + 1] == "| tk | a2t (200 steps) | ire | 2.3 (100) | 170 | 1.70x | 2.1x |"
+    assert "| ire | 1.7 (2.1) |" in md  # published table: our speed-up (same quantity) beside the paper's
+    assert "| 2.3 | 2.1 (speedup) |" in md  # per-cell table: the cell's val/loss is not passed off as the 2.1
