@@ -38,6 +38,9 @@ class Method:
     step: StepFn = standard_step
     check: Callable[[Mapping[str, Any]], None] | None = None  # cross-field validation
     tags: Mapping[str, Any] = field(default_factory=dict)
+    # groups of keys of which at most one may be set (not null); a key the user sets replaces the defaults of the
+    # other keys of its group (e.g. an absolute ``ire_start`` over a task's default ``ire_start_frac``)
+    exclusive: tuple[tuple[str, ...], ...] = ()
 
     @property
     def hparam_map(self) -> dict[str, HParam]:
@@ -123,11 +126,32 @@ def resolve_config(method_name: str, config: Mapping[str, Any]) -> dict[str, Any
         task.size_method_defaults.get(size, {}).get(method.name, {}),
     ):
         layered.update({k: v for k, v in defaults.items() if k in hparams})
+    _drop_exclusive_defaults(method, layered, config)
     layered.update(config)
     resolved = validate_config(layered, hparams, where)
+    if task.finalize is not None:
+        task.finalize(resolved, config)
+    _check_exclusive(method, resolved, where)
     if method.check is not None:
         method.check(resolved)
     return resolved
+
+
+def _drop_exclusive_defaults(method: Method, layered: dict[str, Any], config: Mapping[str, Any]) -> None:
+    """A key of an exclusive group that the user sets nulls the defaults of the group's other keys."""
+    for group in method.exclusive:
+        if any(config.get(k) is not None for k in group):
+            for k in group:
+                if k not in config:
+                    layered[k] = None
+
+
+def _check_exclusive(method: Method, resolved: Mapping[str, Any], where: str) -> None:
+    for group in method.exclusive:
+        both = [k for k in group if resolved.get(k) is not None]
+        if len(both) > 1:
+            given = " and ".join(f"{k}={resolved[k]!r}" for k in both)
+            raise ConfigError(f"{given} are both set for {where}: set only one of {', '.join(group)}")
 
 
 # --------------------------------------------------------------------------

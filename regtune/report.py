@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
+from regtune.report_protocol import protocol_sections
 from regtune.report_speedup import add_speedups
 
 matplotlib.use("Agg")
@@ -93,7 +94,11 @@ def cell_table(best: pd.DataFrame) -> str:
             s = r.get("steps_to_threshold")
             cells += ["never" if s is None or math.isnan(s) else f"{int(s)}"]
         pub_cfg = r.get("published/config")
-        cells += [_fmt_published(r.get("published/value")), pub_cfg if isinstance(pub_cfg, str) and pub_cfg != "{}" else "-",
+        pub_metric = r.get("published/metric")  # name the published quantity where it is not the cell's metric
+        pub_text = _fmt_published(r.get("published/value"))
+        if isinstance(pub_metric, str) and pub_metric != metric and pub_text != "-":
+            pub_text += f" ({pub_metric})"
+        cells += [pub_text, pub_cfg if isinstance(pub_cfg, str) and pub_cfg != "{}" else "-",
                   r.get("published/source") if isinstance(r.get("published/source"), str) else "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -224,6 +229,7 @@ def build_report(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, *, t
     parts += ["## Best configuration per cell", "", cell_table(best), "",
               "Accuracies in percent. 'ours' is the final value of the cell's metric for the best trial"
               " that ran the full budget.", "", f"![validation curves]({png.name})", ""]
+    parts += protocol_sections(best)  # best-over-evaluations test accuracy; each cell's data source
     md = out_dir / "report.md"
     md.write_text("\n".join(parts))
     return [md, png]

@@ -8,7 +8,8 @@ steps, budget, seconds, full_budget, row, col, metric, mode`` + ``config/<key>``
 (the flattened config) + ``final/<metric>`` and ``best/<metric>`` for every
 numeric metric + ``steps_to_threshold`` + ``published/value``,
 ``published/source``, ``published/metric``, ``published/config`` (JSON),
-``published/values`` (JSON: every published metric of the cell -> value).
+``published/values`` (JSON: every published metric of the cell -> value),
+``data_source`` (one line: the data the trial read, ``studies.provenance``).
 
 ``status``: ``completed`` (ran its whole budget), ``stopped`` (stopped early by
 the scheduler), ``diverged`` (non-finite loss), ``error`` (the trial raised).

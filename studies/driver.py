@@ -34,7 +34,7 @@ from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
-from studies import guard, preflight
+from studies import guard, preflight, provenance
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
@@ -83,6 +83,7 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
             "trial_id": trial_id, "budget": budget, "metric": task.metric, "mode": task.mode,
             "row": cell.row, "col": cell.col, "searched": json.dumps(searched),
             "speedup_baseline": cell.speedup_baseline,
+            "speedup_metric": cell.speedup_metric, "speedup_mode": cell.speedup_mode,
             "published/value": pub.value if pub else math.nan,
             "published/source": pub.source if pub else None,
             "published/metric": pub.metric if pub else None,
@@ -92,6 +93,7 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
         last_step = int(reports[-1]["step"])
         errored = any((tdir / f).exists() for f in ("error.txt", "error.pkl")) and last_step < budget \
             and not reports[-1].get("diverged")
+        meta["data_source"] = provenance.cell_data_source(cell, config)
         trials.append(trial_row(meta, config, reports, errored=errored, threshold=study.threshold))
         curves.extend(curve_rows(meta, reports))
     return trials, curves
@@ -296,6 +298,7 @@ def run_study(
     sdir = study_dir(storage, study, scale)
     guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
     preflight.check_data(study, scale, overrides)  # every data set present and complete, or exit 2 (one line each)
+    provenance.check_paper_data(study, scale, overrides)  # paper scale: no generated or too-small data
     from studies.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies

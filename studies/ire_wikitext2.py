@@ -9,12 +9,17 @@ AdamW lr 6e-4, 3000 warmup steps, cosine to lr/20 at 100k steps; IRE rank
 100k-step loss at ~18.5k steps (5.4x). The task is ``wikitext2_transformer``
 (``regtune.tasks.text``).
 
-The report's speed-up section gives the step at which the best AdamW-IRE trial
-reaches the best AdamW trial's final validation loss, and the ratio.
+The speed-up is measured on the paper's quantity: the training loss, with one
+shared 100k-step schedule and IRE from step 3000 (the task's default
+``ire_start`` for ``adamw_ire``): the step at which the best AdamW-IRE trial
+reaches the best AdamW trial's final training loss, and 100k over it. The
+report's speed-up table prints the published 5.4x beside ours; the published
+table shows it as the AdamW-IRE row's speed-up line.
 
-Where we knowingly differ: the paper's speed-up is read on the training loss;
-ours is measured on the validation loss (a held-out split, reported every
-``eval_every`` steps). Weight decay (0.1) is not published and not searched.
+Where we knowingly differ: our training loss at a report is the mean over the
+steps since the previous report (``eval_every``, 1000 at the paper scale), a
+smoothed curve; the paper's figure does not say how its curve is smoothed.
+Weight decay (0.1) is not published and not searched.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ TASK = "wikitext2_transformer"
 COL = "wikitext-2 train loss at 100k steps"
 SOURCE = "IRE paper, wikitext-2 figure (training loss, approx.)"
 RECIPE = {"lr": 6e-4, "warmup_steps": 3000, "steps": 100_000, "lr_min_ratio": 0.05, "batch_size": 32}
-IRE_SETTING = {"ire_rank": 0.01, "ire_prog": 5.0, "ire_prog_decay": True}
+IRE_SETTING = {"ire_rank": 0.01, "ire_prog": 5.0, "ire_prog_decay": True, "ire_start": 3000}
+SPEEDUP = 5.4  # AdamW-IRE reaches AdamW's 100k-step training loss at ~18.5k steps
 
 CELLS = (
     cell(TASK, "adamw", COL, space={"lr": ADAM_LR, "weight_decay": 0.1}, point={"lr": 6e-4},
@@ -35,7 +41,8 @@ CELLS = (
          space={"lr": ADAM_LR, "weight_decay": 0.1, "ire_rank": IRE_RANK, "ire_prog": IRE_PROG,
                 "ire_prog_decay": True},
          point={"lr": 6e-4, "ire_rank": 0.01, "ire_prog": 5.0}, published=2.35, source=SOURCE, metric="train/loss",
-         published_config={**RECIPE, **IRE_SETTING}, speedup_baseline=cell_name(TASK, "adamw")),
+         published_config={**RECIPE, **IRE_SETTING}, speedup_baseline=cell_name(TASK, "adamw"),
+         speedup_metric="train/loss", published_speedup=SPEEDUP),
 )
 
 STUDY = Study(
@@ -55,5 +62,6 @@ STUDY = Study(
     prepare=text_prepare("wikitext2"),
     resources=resources,
     notes="Published (figure, approx.): training loss AdamW ~3.25 vs AdamW-IRE ~2.3-2.4 at 100k steps; AdamW-IRE "
-          "reaches AdamW's 100k-step loss at ~18.5k steps (5.4x). Our speed-up is on the validation loss.",
+          "reaches AdamW's 100k-step loss at ~18.5k steps (5.4x, IRE from step 3000). Our speed-up is measured the same "
+          "way: on the training loss (the mean over each report's steps), one shared schedule.",
 )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from regtune.methods import LOOP_HPARAMS, get_method, resolve_config
+from regtune.report_speedup import MODES as SPEEDUP_MODES
 from regtune.space import Choice, ConfigError, Domain, IntUniform, LogUniform, Uniform, suggest
 from regtune.tasks.base import get_task
 
@@ -36,9 +37,14 @@ class Cell:
     published setting). ``row``/``col``: where the cell sits in the report
     table. ``needs``: names of earlier cells whose stored results this cell
     reads (e.g. ``exter_graft`` reads the ``sgd`` cell's gradient norms).
-    ``speedup_baseline``: a cell of the same task; the report gives the step at
-    which this cell's best trial reaches that cell's final validation loss, and
-    the ratio (the IRE paper's speed-up).
+    ``speedup_baseline``: a cell of the same task; the report gives the IRE
+    paper's speed-up of this cell's best trial over that cell's, on
+    ``speedup_metric``, the way ``speedup_mode`` says
+    (``regtune.report_speedup``): ``reach_baseline_final`` (one shared
+    schedule: the step at which this cell reaches the baseline's final value,
+    and the baseline's final step over it) or ``baseline_reaches_final`` (the
+    baseline on its own longer schedule: the steps it needs to reach this
+    cell's final value, over this cell's steps).
     """
 
     name: str
@@ -53,6 +59,8 @@ class Cell:
     needs: tuple[str, ...] = ()
     use_default_space: bool = True
     speedup_baseline: str = ""
+    speedup_metric: str = "val/loss"
+    speedup_mode: str = "reach_baseline_final"
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,9 @@ def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = 
         base = cell.speedup_baseline
         if base and (base not in names or study.cell(base).task != cell.task):
             raise ValueError(f"cell {cell.name!r}: speedup_baseline {base!r} must be a cell of task {cell.task!r}")
+        if cell.speedup_mode not in SPEEDUP_MODES:
+            raise ValueError(f"cell {cell.name!r}: speedup_mode={cell.speedup_mode!r} is not allowed: expected one of "
+                             f"{', '.join(SPEEDUP_MODES)}")
         fixed, searched = cell_configs(study, cell, scale, overrides=overrides)
         for corner in sample_point(searched):
             resolve_config(cell.method, {**fixed, **corner})

@@ -18,6 +18,7 @@ import pytest
 from regtune.data import cifar
 from regtune.data.cifar import MANIFEST, CifarData, prepare_cifar, write_fake_cifar
 from regtune.data.imagenet import INDEX, ImageFolderData, prepare_imagenet, write_fake_imagenet
+from regtune.data.provenance import GENERATED_FILE
 from regtune.data.text import prepare
 from studies import get_study
 from studies.preflight import missing_lines
@@ -221,7 +222,8 @@ def test_two_concurrent_prepares_leave_one_complete_copy(tmp_path):
     assert sum("cifar100 is already prepared" in o for o in outs) == 1  # the waiter found it complete
     assert sorted(p.name for p in data.iterdir()) == [".cifar-100-python.lock", "cifar-100-python"]
     folder = data / "cifar-100-python"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["meta", "test", "train", MANIFEST])
+    # the archive was made by write_fake_cifar: its generated-data marker travels with it (paper scale refuses it)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([GENERATED_FILE, "meta", "test", "train", MANIFEST])
     assert cifar.problem("cifar100", data, train=60, test=20) is None
     for name in ("train", "test", "meta"):
         assert hashlib.md5((folder / name).read_bytes()).hexdigest() == sums[name]

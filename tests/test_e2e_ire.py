@@ -17,7 +17,7 @@ import re
 import pandas as pd
 import pytest
 
-from regtune.report_speedup import speedup
+from regtune.report_speedup import baseline_speedup, speedup
 from tests.conftest import mlflow_runs, report_table, run_smoke_study
 
 # study -> the (task, method) pairs it must have run, in order (written out here, not read from the spec)
@@ -30,20 +30,23 @@ EXPECTED = {
                     + [("imagenet_vit_s", "adamw"), ("imagenet_vit_s", "adamw_ire")],
     "ire_wikitext2": [("wikitext2_transformer", "adamw"), ("wikitext2_transformer", "adamw_ire")],
     "ire_llama": [(t, m) for t in ("wikitext103_llama60m", "minipile_llama119m", "openwebtext_llama229m")
-                  for m in ("adamw", "adamw_ire")],
+                  for m in ("adamw", "adamw", "adamw_ire")],  # T-step AdamW, 2T-step AdamW, AdamW-IRE
     "cpr_gpt2": [("openwebtext_gpt2s", "adamw"), ("openwebtext_gpt2s", "adamcpr"), ("openwebtext_gpt2s", "adamcpr")],
 }
 STEPS = {"ire_cifar": 4, "ire_vit_cifar100": 4, "ire_imagenet": 3, "ire_wikitext2": 60, "ire_llama": 60,
-         "cpr_gpt2": 60}
+         "cpr_gpt2": 60}  # the 2T AdamW cells of ire_llama (names ending in -2T) run twice as long
 PUBLISHED = {  # every published number the report's table must show, in parentheses
     "ire_cifar": [95.84, 80.81, 93.49, 72.81, 96.24, 81.49, 93.78, 73.78, 96.58, 83.05, 94.05, 75.54,
                   96.7, 83.5, 94.46, 75.86],
     "ire_vit_cifar100": [63.9, 65.43, 67.05, 68.39, 64.25, 66.93, 67.33, 70.47],
     "ire_imagenet": [76.81, 77.04, 77.47, 77.92, 78.7, 79.1],
-    "ire_wikitext2": [3.25, 2.35],
+    "ire_wikitext2": [3.25, 2.35, 5.4],
     "ire_llama": [2.1, 2.3, 2.1],
     "cpr_gpt2": [18.23, 18.02, 17.94],
 }
+
+# a row whose cells publish two metrics prints one line for each
+ROWS = {"ire_wikitext2": ["AdamW", "AdamW-IRE (train/loss)", "AdamW-IRE (speedup)"]}
 
 
 def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) -> str:
@@ -54,7 +57,7 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
     assert list(zip(trials["task"], trials["method"])) == EXPECTED[name]
     assert list(trials["cell"]) == [c.name for c in study.cells] and trials["trial_id"].is_unique
     assert (trials["status"] == "completed").all(), trials[["cell", "status"]]
-    assert (trials["steps"] == STEPS[name]).all()
+    assert (trials["steps"] == trials["cell"].map(lambda c: 2 * STEPS[name] if c.endswith("-2T") else STEPS[name])).all()
     data = sdir.resolve() / "data"
     assert (trials["config/data_dir"] == str(data / "imagenet" if name == "ire_imagenet" else data)).all()
     for metric in trials["metric"].unique():
@@ -74,29 +77,47 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
     assert {c.data.tags["cell"] for c in children} == {c.name for c in study.cells}
 
     md = (sdir / "report" / "report.md").read_text()
+    # every row and the report name the data: here the smoke hooks' generated stand-ins
+    assert trials["data_source"].str.contains("GENERATED stand-in").all(), trials["data_source"]
+    sources = md.split("## Data source per cell", 1)[1]
+    assert all(f"- {c.name}: " in sources for c in study.cells)
     table = report_table(md, "Published table: ours (published)")
     header = table.pop("")
     assert header == list(dict.fromkeys(c.col for c in study.cells))
-    assert list(table) == list(dict.fromkeys(c.row for c in study.cells))
+    assert list(table) == ROWS.get(name, list(dict.fromkeys(c.row for c in study.cells)))
     shown = [float(v) for cells in table.values() for text in cells for v in re.findall(r"\(([\d.]+)\)", text)]
     assert sorted(shown) == sorted(PUBLISHED[name])
     return md
 
 
 def check_speedups(md: str, trials: pd.DataFrame, curves: pd.DataFrame, tasks: list[str], steps: int = 60) -> None:
-    """One speed-up line per task, with the numbers recomputed from curves.parquet (val/loss of the two cells)."""
+    """One speed-up line per task, with the numbers recomputed from curves.parquet: ire_wikitext2 on the training
+    loss of one shared schedule, ire_llama as the steps 2T AdamW needs to reach AdamW-IRE's final val loss."""
     for task in tasks:
-        base, ire = (trials[(trials["task"] == task) & (trials["method"] == m)].iloc[0] for m in ("adamw", "adamw_ire"))
-        assert ire["speedup_baseline"] == base["cell"]
+        ire = trials[(trials["task"] == task) & (trials["method"] == "adamw_ire")].iloc[0]
+        base = trials[trials["cell"] == ire["speedup_baseline"]].iloc[0]
+        metric, mode = ire["speedup_metric"], ire["speedup_mode"]
 
-        def curve(r):
+        def curve(r, metric=metric):
             c = curves[curves["trial_id"] == r["trial_id"]].sort_values("step")
-            return list(zip(c["step"], c["val/loss"]))
+            return list(zip(c["step"], c[metric]))
 
-        s = speedup(curve(base), curve(ire))
-        assert s.target_loss == pytest.approx(base["final/val/loss"]) and s.base_step == steps
         line = next(ln for ln in md.splitlines() if ln.startswith(f"- speed-up on {task}:"))
-        assert f"final val/loss {s.target_loss:.4g} (step {steps})" in line
+        if mode == "baseline_reaches_final":
+            assert base["cell"] == f"{task}-adamw-2T" and base["steps"] == 2 * steps and metric == "val/loss"
+            s = baseline_speedup(curve(base), curve(ire))
+            assert s.target_loss == pytest.approx(ire[f"final/{metric}"]) and s.base_step == steps
+            assert f"reaches adamw_ire's final {metric} {s.target_loss:.4g} (step {steps}," in line
+            if s.ratio is None:
+                assert line.endswith("speed-up > 2.00x (not reached)"), line
+            else:
+                assert line.endswith(f"at step {s.step:.0f}: speed-up {s.ratio:.2f}x"), line
+                assert 0 < s.ratio <= 2.0
+            continue
+        assert base["method"] == "adamw" and metric == "train/loss"
+        s = speedup(curve(base), curve(ire))
+        assert s.target_loss == pytest.approx(base[f"final/{metric}"]) and s.base_step == steps
+        assert f"final {metric} {s.target_loss:.4g} (step {steps})" in line
         if s.ratio is None:
             assert line.endswith("speed-up not reached"), line
         else:
@@ -110,6 +131,10 @@ def test_ire_cifar(tmp_path_factory):
     md = check_common("ire_cifar", sdir, trials, curves)
     assert (trials["config/momentum"] == 0.9).all() and (trials["config/weight_decay"] == 5e-4).all()
     assert trials["final/test/accuracy"].between(0, 1).all()
+    # Table 1's metric: the best test accuracy over the reports, beside the final one
+    assert (trials["final/test/accuracy_max"] >= trials["final/test/accuracy"]).all()
+    assert (trials["published/metric"] == "test/accuracy_max").all()
+    assert "## Test accuracy: best over evaluations and final" in md
     assert "| SAM-IRE | " in md and "(96.7)" in md and "Speed-up" not in md
     assert (sdir / "data" / "cifar-10-batches-py" / "data_batch_1").is_file()
 
@@ -134,7 +159,7 @@ def test_ire_imagenet(tmp_path_factory):
 def test_ire_wikitext2(tmp_path_factory):
     sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_wikitext2")
     md = check_common("ire_wikitext2", sdir, trials, curves)
-    assert "## Speed-up over the baseline" in md
+    assert "## Speed-up over the baseline" in md and "| 5.4x |" in md  # the published speed-up, in its table
     check_speedups(md, trials, curves, ["wikitext2_transformer"])
     ire = trials[trials["method"] == "adamw_ire"].iloc[0]
     assert ire["config/ire_prog_decay"] and ire["config/ire_rank"] == pytest.approx(0.01)

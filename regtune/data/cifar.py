@@ -190,6 +190,11 @@ def write_fake_cifar(root: str | os.PathLike, kind: str, n_train: int, n_test: i
     with open(folder / spec.meta_file, "wb") as f:
         pickle.dump(meta, f, protocol=2)
     write_manifest(folder, kind, {"train": n_train, "test": n_test}, source="synthetic (write_fake_cifar)")
+    from regtune.data.provenance import mark_generated
+
+    mark_generated(folder, by="regtune.data.cifar.write_fake_cifar",
+                   what=f"{n_train} train / {n_test} test images of class patterns plus noise (seed {seed})",
+                   train_count=n_train)
     return Path(root)
 
 

@@ -15,9 +15,12 @@ root whose ``train`` / ``val`` are links to the source's (the source is never
 written). The study driver checks the index before Ray starts (``problem``).
 
 Training batches are a pure function of ``(seed, step)``: the step-th chunk of
-a stream of per-epoch permutations, each image augmented (random-resized crop +
-horizontal flip, torchvision's standard ImageNet recipe) under a torch seed
-derived from ``(seed, step, position)``. Loading runs in DataLoader worker
+a stream of per-epoch permutations, each image augmented under a torch seed
+derived from ``(seed, step, position)``: ``basic`` = random-resized crop +
+horizontal flip (torchvision's standard ImageNet recipe); ``deit`` = the DeiT
+recipe's per-image part (bicubic crop + flip, RandAugment, random erasing;
+torchvision transforms v2). ``batch_mixer`` / ``mix_batch``: DeiT's
+Mixup / CutMix of a whole batch (soft targets), seeded by ``(seed, step)``. Loading runs in DataLoader worker
 processes; a resumed run restarts the stream at its step.
 
 ``write_fake_imagenet`` writes a tiny folder in the same layout (smooth
@@ -150,10 +153,55 @@ def prepare_imagenet(source: str | os.PathLike | None = None, *, data_dir: str |
     return out
 
 
-def train_transform(image_size: int):
+AUGMENTS = ("basic", "deit")
+
+
+def train_transform(image_size: int, augment: str = "basic", *, randaugment_ops: int = 2,
+                    randaugment_magnitude: int = 27, random_erasing: float = 0.25):
+    """``basic``: random-resized crop + flip (torchvision's ImageNet recipe). ``deit``: the DeiT recipe's
+    per-image part (Touvron et al., arXiv:2012.12877): bicubic random-resized crop + flip, RandAugment
+    (``randaugment_ops`` ops at ``randaugment_magnitude`` of torchvision's 0..30 bins: DeiT's timm
+    ``rand-m9`` is 9 on timm's 0..10 scale, i.e. 27 here), normalization, random erasing (per-pixel noise)."""
     from torchvision import transforms as T
-    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
+    if augment == "basic":
+        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(MEAN, STD)])
+    if augment != "deit":
+        raise ValueError(f"augment={augment!r} is not allowed: expected one of {', '.join(AUGMENTS)}")
+    from torchvision.transforms import v2
+    ops = [v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+           v2.RandomHorizontalFlip()]
+    if randaugment_ops > 0:
+        ops.append(v2.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude,
+                                  interpolation=v2.InterpolationMode.BICUBIC))
+    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if random_erasing > 0:
+        ops.append(v2.RandomErasing(p=random_erasing, value="random"))
+    return v2.Compose(ops)
+
+
+def batch_mixer(num_classes: int, *, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5):
+    """DeiT's batch mixing with torchvision's transforms v2: CutMix with probability ``switch_prob``, else Mixup,
+    on every batch; targets become class probabilities. None when both alphas are 0."""
+    from torchvision.transforms import v2
+    mixers = []
+    if cutmix_alpha > 0:
+        mixers.append((v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes), switch_prob))
+    if mixup_alpha > 0:
+        mixers.append((v2.MixUp(alpha=mixup_alpha, num_classes=num_classes), 1.0 - switch_prob))
+    if not mixers:
+        return None
+    if len(mixers) == 1:
+        return mixers[0][0]
+    return v2.RandomChoice([m for m, _ in mixers], p=[p for _, p in mixers])
+
+
+def mix_batch(mixer, images: torch.Tensor, labels: torch.Tensor, seed: int, step: int):
+    """``mixer`` applied under a CPU seed derived from ``(seed, step)`` (its draws are on the CPU), so the mixed
+    batch of a step is a pure function of them wherever the tensors live."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed("imagenet-mix", seed, step))
+        return mixer(images, labels)
 
 
 def eval_transform(image_size: int):
@@ -214,7 +262,9 @@ class ImageFolderData:
     """Train / val splits of an ImageFolder directory with deterministic, resumable batches."""
 
     def __init__(self, data_dir: str | None, *, image_size: int, batch_size: int, eval_batch_size: int,
-                 seed: int, num_workers: int, train_limit: int | None = None, val_limit: int | None = None):
+                 seed: int, num_workers: int, train_limit: int | None = None, val_limit: int | None = None,
+                 augment: str = "basic", randaugment_ops: int = 2, randaugment_magnitude: int = 27,
+                 random_erasing: float = 0.25):
         from torchvision.datasets import ImageFolder
         self.root = resolve_imagenet_dir(data_dir)
         check_image_folder(self.root)
@@ -227,7 +277,9 @@ class ImageFolderData:
         self.val_samples = _subset(val.samples, val_limit)
         self.image_size, self.batch_size, self.eval_batch_size = image_size, batch_size, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
-        self._train = SeededImages(self.train_samples, train_transform(image_size))
+        self._train = SeededImages(self.train_samples, train_transform(
+            image_size, augment, randaugment_ops=randaugment_ops, randaugment_magnitude=randaugment_magnitude,
+            random_erasing=random_erasing))
         self._iter: Iterator | None = None
         self._next_step = -1
 
@@ -286,4 +338,8 @@ def write_fake_imagenet(root: str | os.PathLike, *, num_classes: int = 4, train_
                 pixels = np.clip(base + rng.randint(0, 40, size=base.shape), 0, 255).astype(np.uint8)
                 ext = "png" if i % 2 == 0 else "JPEG"
                 Image.fromarray(pixels).save(folder / f"{split}_{c}_{i}.{ext}")
+    from regtune.data.provenance import mark_generated
+
+    mark_generated(root, by="regtune.data.imagenet.write_fake_imagenet",
+                   what=f"{num_classes} classes x {train_per_class} train / {val_per_class} val images of {size} px")
     return root

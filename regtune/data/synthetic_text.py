@@ -5,7 +5,9 @@ between subject and verb ("the cat sits" / "the cats sit"), fixed phrase
 templates, counting runs ("one two three four") and wikitext-like headings and
 blank lines. Deterministic given the seed. ``write_text_dir`` writes the
 ``train.txt`` / ``valid.txt`` / ``test.txt`` files that
-``regtune.data.text.prepare`` reads; ``make_smoke_data`` writes and tokenizes
+``regtune.data.text.prepare`` reads, and marks the directory as generated
+(``regtune.data.provenance``; ``prepare`` carries the mark into ``meta.json``,
+and paper-scale studies refuse such tokens); ``make_smoke_data`` writes and tokenizes
 them for every text task's corpus in one call (what a smoke study runs first).
 
 Not from any paper: this only stands in for wikitext / minipile / OpenWebText
@@ -91,6 +93,10 @@ def write_text_dir(directory: str | Path, *, train_lines: int = 2000, val_lines:
     for offset, (name, n) in enumerate((("train.txt", train_lines), ("valid.txt", val_lines),
                                         ("test.txt", test_lines))):
         (directory / name).write_text("".join(synthetic_lines(n, seed * 1000 + offset)), encoding="utf-8")
+    from regtune.data.provenance import mark_generated
+
+    mark_generated(directory, by="regtune.data.synthetic_text",
+                   what=f"{train_lines} / {val_lines} / {test_lines} lines of generated English-like text (seed {seed})")
     return directory
 
 

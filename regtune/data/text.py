@@ -6,7 +6,8 @@ OpenWebText) and the CPR paper's GPT-2 run (Franke et al., NeurIPS 2024,
 https://arxiv.org/abs/2311.09058: OpenWebText). Layout as in nanoGPT: a token
 directory holds ``train.bin``, ``val.bin`` (and ``test.bin`` where the corpus
 has one) as flat uint16/uint32 arrays plus ``meta.json`` (vocabulary size,
-tokenizer, dtype, end-of-text id, token counts). Trials open them with
+tokenizer, dtype, end-of-text id, token counts; ``"generated": true`` when the
+text came from ``regtune.data.synthetic_text``, see ``regtune.data.provenance``). Trials open them with
 ``np.memmap``; nothing is tokenized at train time.
 
 Tokenizers:
@@ -55,6 +56,7 @@ import numpy as np
 import torch
 
 from regtune.data import DataMissing, store
+from regtune.data.provenance import generated_mark
 from regtune.space import ConfigError
 
 FORMAT_VERSION = 1
@@ -278,7 +280,11 @@ def prepare(
             source = f"local:{Path(text_dir).resolve()}" if text_dir else f"hub:{spec.hub_id}"
             sources = sources or hub_sources(spec, tokenizer)
         documents = spec.documents and not (text_dir or synthetic_lines)
-        meta = _tokenize(tmp, corpus, tokenizer, vocab_size, sources, documents, source)
+        read_from = tmp / "text" if synthetic_lines else text_dir
+        mark = generated_mark(read_from) if read_from else None
+        if mark and not synthetic_lines:  # generated text handed in as --text-dir: paper-scale studies refuse it
+            source = f"generated:{Path(text_dir).resolve()}"
+        meta = _tokenize(tmp, corpus, tokenizer, vocab_size, sources, documents, source, mark)
         store.publish(tmp, out)
     log(f"prepared {corpus} ({tokenizer}, vocab {meta['vocab_size']:,}) in {out}: "
         + ", ".join(f"{s} {n:,} tokens" for s, n in meta["counts"].items()))
@@ -286,7 +292,7 @@ def prepare(
 
 
 def _tokenize(out: Path, corpus: str, tokenizer: str, vocab_size: int | None, sources: dict[str, Source],
-              documents: bool, source: str) -> dict[str, Any]:
+              documents: bool, source: str, mark: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the token files of every split and ``meta.json`` into ``out``."""
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -295,6 +301,8 @@ def _tokenize(out: Path, corpus: str, tokenizer: str, vocab_size: int | None, so
         "source": source,
         "documents": documents,
     }
+    if mark:  # generated text (regtune.data.synthetic_text): paper-scale studies refuse it
+        meta.update(generated=True, generated_by=mark.get("by", "unknown"))
     counts: dict[str, int] = {}
     if tokenizer == "word":
         vocab = WordVocab()

@@ -7,7 +7,8 @@ section 3). SAM: Foret et al., ICLR 2021, https://arxiv.org/abs/2010.01412
 
 ``with_ire(method)`` turns any registered method into its IRE version: the
 same builder wrapped in ``regtune.optim.IRE``, the method's hyperparameters
-plus ``ire_rank``, ``ire_prog``, ``ire_interval``, ``ire_start``,
+plus ``ire_rank``, ``ire_prog``, ``ire_interval``, ``ire_start`` (a step) or
+``ire_start_frac`` (a share of ``steps``; at most one of the two),
 ``ire_prog_decay``, and its search space plus the IRE ranges. A user composes
 IRE with a method of their own the same way::
 
@@ -48,10 +49,16 @@ IRE_HPARAMS: tuple[HParam, ...] = (
            " the paper's gamma = 1 - ire_rank", low=0.0, high=1.0),
     HParam("ire_prog", 2.0, "kappa: coordinates on the flat mask move (1 + kappa) x the base step", low=0.0),
     HParam("ire_interval", 10, "K: refresh the flatness mask every K optimizer steps", kind=int, low=1),
-    HParam("ire_start", 0, "first optimizer step (0-based) with IRE on; the first mask refresh", kind=int, low=0),
+    HParam("ire_start", None, "first optimizer step (0-based) with IRE on, the first mask refresh (null: from"
+           " ire_start_frac, or step 0 when that is null too)", kind=int, low=0, nullable=True),
+    HParam("ire_start_frac", None, "IRE's start as a share of the run's steps: step round(ire_start_frac x steps)"
+           " (the IRE paper's CIFAR code starts at epoch 70 of 200 = 0.35); set it or ire_start, not both",
+           low=0.0, high=1.0, high_open=True, nullable=True),
     HParam("ire_prog_decay", False, "kappa_t = kappa * lr_t / lr_max (per parameter group)", kind=bool),
 )
 IRE_SPACE = {"ire_rank": Uniform(0.01, 0.9), "ire_prog": Uniform(0.0, 6.0)}
+IRE_START_FRAC_SPACE = Uniform(0.0, 0.7)  # a range for studies that search the start (not in the default space)
+IRE_EXCLUSIVE = (("ire_start", "ire_start_frac"),)
 
 SAM_HPARAMS: tuple[HParam, ...] = (
     HParam("sam_rho", 0.05, "SAM perturbation radius rho (adaptive SAM needs ~10x larger)", low=0.0),
@@ -63,8 +70,19 @@ SAM_HPARAMS: tuple[HParam, ...] = (
 SAM_SPACE = {"lr": SGD_LR_SPACE, "sam_rho": LogUniform(0.01, 0.5)}
 
 
+def ire_start_step(c: Mapping[str, Any]) -> int:
+    """IRE's first step: ``ire_start``, else ``round(ire_start_frac x steps)``, else 0."""
+    if c.get("ire_start") is not None:
+        return int(c["ire_start"])
+    if c.get("ire_start_frac") is not None:
+        return int(round(float(c["ire_start_frac"]) * int(c["steps"])))
+    return 0
+
+
 def ire_kwargs(c: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: c[k] for k in ("ire_rank", "ire_prog", "ire_interval", "ire_start", "ire_prog_decay")}
+    out = {k: c[k] for k in ("ire_rank", "ire_prog", "ire_interval", "ire_prog_decay")}
+    out["ire_start"] = ire_start_step(c)
+    return out
 
 
 def _pre_step_then(inner: StepFn) -> StepFn:
@@ -97,9 +115,12 @@ def with_ire(method: Method | str, *, name: str | None = None, doc: str | None =
 
     def build(model, c: Mapping[str, Any]):
         opt, summary = base_build(model, c)
-        ire = IRE(opt, **ire_kwargs(c))
+        kw = ire_kwargs(c)
+        ire = IRE(opt, **kw)
+        frac = "" if c.get("ire_start") is not None or c.get("ire_start_frac") is None else \
+            f" = {c['ire_start_frac']:g} x {c['steps']}"
         return ire, (f"IRE(rank={c['ire_rank']:g}, prog={c['ire_prog']:g}, every {c['ire_interval']} steps from step"
-                     f" {c['ire_start']}, decay={c['ire_prog_decay']}; {ire.num_keep:,} of {ire.num_coordinates:,}"
+                     f" {kw['ire_start']}{frac}, decay={c['ire_prog_decay']}; {ire.num_keep:,} of {ire.num_coordinates:,}"
                      f" coordinates amplified) around {base.name}: {summary}")
 
     return replace(
@@ -112,6 +133,7 @@ def with_ire(method: Method | str, *, name: str | None = None, doc: str | None =
         paper=paper or f"{IRE_PAPER}; base: {base.paper}",
         family="ire",
         step=_pre_step_then(base.step),
+        exclusive=tuple(base.exclusive) + IRE_EXCLUSIVE,
     )
 
 
@@ -142,4 +164,5 @@ ADAMW_IRE = register_method(with_ire(
 ADAMCPR_IRE = register_method(with_ire(
     get_method("adamcpr"), doc="AdamCPR with IRE (Delta includes the CPR constraint step)"))
 
-__all__ = ["IRE_HPARAMS", "IRE_SPACE", "SAM_HPARAMS", "build_sam", "ire_kwargs", "with_ire"]
+__all__ = ["IRE_HPARAMS", "IRE_SPACE", "IRE_START_FRAC_SPACE", "SAM_HPARAMS", "build_sam", "ire_kwargs",
+           "ire_start_step", "with_ire"]

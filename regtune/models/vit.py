@@ -14,6 +14,10 @@ MLP of ``mlp_ratio`` x width), final LayerNorm, a linear head on the class
 token. Init as timm's ViT: truncated normal (std 0.02) for linear weights,
 class token and position embeddings; zero biases; LayerNorm 1 / 0.
 
+Stochastic depth (``drop_path_rate``, DeiT's 0.1 for ViT-S on ImageNet): the
+residual branches of block i are dropped per sample with a probability rising
+linearly from 0 (first block) to the rate (last block), as in timm.
+
 Where we knowingly differ: this is our own implementation (the IRE paper's
 CIFAR ViT code is not part of its public release); no dropout by default.
 The class token and position embeddings are ndim >= 2 tensors, so the
@@ -44,9 +48,19 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al., 2016): drop a residual branch per sample with probability ``p``, scaling
+    the kept ones by 1 / (1 - p). Identity (and no random draw) when ``p`` is 0 or in eval mode."""
+    if p <= 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
@@ -56,15 +70,16 @@ class Block(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
         h = F.gelu(self.fc1(self.norm2(x)))
         h = F.dropout(self.fc2(h), p=self.dropout, training=self.training)
-        return x + h
+        return x + drop_path(h, self.drop_path, self.training)
 
 
 class ViT(nn.Module):
     def __init__(self, *, image_size: int = 32, patch_size: int = 4, num_classes: int = 100, dim: int = 192,
-                 depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, dropout: float = 0.0, in_chans: int = 3):
+                 depth: int = 12, heads: int = 3, mlp_ratio: float = 4.0, dropout: float = 0.0, in_chans: int = 3,
+                 drop_path_rate: float = 0.0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"patch size {patch_size} does not divide image size {image_size}")
@@ -72,7 +87,8 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, dim))
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
+        rates = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path_rate]
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, dropout, rates[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)

@@ -73,6 +73,9 @@ class Task:
     resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     # resolved config -> the data sets its trials read (regtune.data.check.Need); None: made in memory
     data: Callable[[Mapping[str, Any]], tuple[Any, ...]] | None = None
+    # (resolved config, the user's own config) -> None: fills derived values after validation
+    # (e.g. the CIFAR IRE tasks' steps from epochs of the training images)
+    finalize: Callable[[dict[str, Any], Mapping[str, Any]], None] | None = None
 
     @property
     def hparam_map(self) -> dict[str, HParam]:
@@ -114,7 +117,10 @@ def maybe_bf16(enabled: bool):
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Share of correct argmax predictions (targets < 0 are ignored)."""
+    """Share of correct argmax predictions (targets < 0 are ignored). Soft targets (class probabilities, e.g.
+    Mixup / CutMix) count their most likely class."""
+    if targets.is_floating_point() and targets.dim() == logits.dim():
+        targets = targets.argmax(dim=-1)
     pred = logits.argmax(dim=-1)
     keep = targets >= 0
     n = int(keep.sum())

@@ -15,9 +15,22 @@ Table 1 setup (all methods on the ResNet / WRN tasks): SGD lr 0.1, momentum
 0.9, weight decay 5e-4, batch 128, 200 epochs, cosine schedule to 0, label
 smoothing 0.1; SAM rho 0.05. 200 epochs of 40000 images at batch 128 = 62500 steps.
 
-Where we knowingly differ: the paper trains on all 50000 training images and
-reports the final test accuracy; we hold out 10000 for validation (as every
-CIFAR task here), which costs some accuracy for every method alike. ``sgd``'s
+IRE protocol of the reference code (CV/cifar/cifar.py): IRE starts at epoch
+70 of 200, i.e. 35% of training: every ``*_ire`` method defaults to
+``ire_start_frac`` 0.35 here (an absolute ``ire_start`` replaces it; setting
+both is an error). The reference reports "Best Accuracy", the maximum test
+accuracy over epochs: with ``test_every_eval`` (default on) every report also
+scores the test split, and ``test/accuracy_max`` is the running maximum
+(kept in the checkpoint); ``test/accuracy`` of the last report is the final
+accuracy.
+
+Where we knowingly differ: the reference trains on all 50000 training images;
+the search holds out 10000 for validation (as every CIFAR task here), which
+costs some accuracy for every method alike. The paper size trains 200 epochs
+(``epochs``) of the ``n_train`` images it uses: ``steps`` follows ``n_train``
+(62500 steps of 40000 images, 78125 of all 50000) unless a config sets
+``steps`` itself. The test maximum is taken over the reports
+(every 2 epochs at the paper size), not over every epoch. ``sgd``'s
 weight decay applies to conv / linear weights only (regtune.optim.groups), not
 to BatchNorm parameters and biases.
 
@@ -36,6 +49,7 @@ Sizes: ``paper`` and ``smoke`` (tiny models, 256 / 128 / 128 images written by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +67,8 @@ from regtune.tasks.cifar import GPU_RESOURCES, CifarInstance, cifar_data, data_h
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
              "NeurIPS 2024, arXiv:2405.20763")
 EPOCH_STEPS = -(-40000 // 128)  # 313 steps per epoch of the 40000 training images at batch 128
-PAPER_STEPS = 200 * 40000 // 128  # 200 epochs
+PAPER_EPOCHS = 200
+PAPER_STEPS = PAPER_EPOCHS * 40000 // 128  # 200 epochs of the 40000 training images
 
 SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
@@ -66,7 +81,13 @@ SMOKE_DATA = {"n_train": 256, "n_val": 128, "n_test": 128, "batch_size": 16, "ev
               "steps": 4, "eval_every": 2}
 
 
+IRE_START_FRAC = 0.35  # the reference code's IRE_start_epoch 70 of 200 epochs
 AUTOCAST = HParam("autocast_bf16", True, "bf16 autocast of the forward on CUDA (ignored on CPU)", kind=bool)
+EPOCHS = HParam("epochs", None, "train this many epochs of the n_train images: steps = ceil(epochs x n_train /"
+                " batch_size), unless the config sets steps itself (null: use steps)", low=0.0, low_open=True,
+                nullable=True)
+TEST_EVERY_EVAL = HParam("test_every_eval", True, "score the test split at every report too, so test/accuracy_max"
+                         " (the best test accuracy over evaluations: IRE Table 1's metric) can be reported", kind=bool)
 
 
 class AutocastCifarInstance(CifarInstance):
@@ -75,6 +96,7 @@ class AutocastCifarInstance(CifarInstance):
     def __init__(self, kind: str, make_model, config: Mapping[str, Any], device: torch.device):
         super().__init__(kind, make_model, config, device)
         self.autocast = bool(config["autocast_bf16"]) and device.type == "cuda"
+        self.test_every_eval = bool(config["test_every_eval"])  # read by regtune.loop.Run.evaluate
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         ctx = maybe_bf16(self.autocast)
@@ -83,6 +105,13 @@ class AutocastCifarInstance(CifarInstance):
 
     def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+
+
+def steps_from_epochs(c: dict[str, Any], user: Mapping[str, Any]) -> None:
+    """``steps`` = ``epochs`` of the ``n_train`` training images at ``batch_size`` (rounded up), unless the
+    user's config sets ``steps``: the paper size trains 200 epochs of whatever training set it uses."""
+    if c.get("epochs") is not None and "steps" not in user:
+        c["steps"] = max(1, math.ceil(c["epochs"] * c["n_train"] / c["batch_size"]))
 
 
 def _model_error(key: str, value: Any, allowed: str) -> ConfigError:
@@ -134,18 +163,22 @@ def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: 
         method_defaults.update({m: dict(ADAMW_DEFAULTS) for m in ADAMW_METHODS})
         for m in ("sam", "sam_ire"):
             method_defaults[m] = {**ADAMW_DEFAULTS, "sam_base": "adamw"}
+    for m, defaults in method_defaults.items():
+        if m.endswith("_ire"):
+            defaults["ire_start_frac"] = IRE_START_FRAC
     return register_task(Task(
         name=name,
         build=lambda config, device, _k=kind, _m=make_model: AutocastCifarInstance(_k, _m, config, device),
-        hparams=hparams + extra + (AUTOCAST,),
+        hparams=hparams + extra + (AUTOCAST, TEST_EVERY_EVAL, EPOCHS),
         doc=doc,
         paper=IRE_PAPER,
-        sizes={"paper": {}, "smoke": {**SMOKE_DATA, **smoke}},
+        sizes={"paper": {"epochs": PAPER_EPOCHS}, "smoke": {**SMOKE_DATA, **smoke, "epochs": None}},
         loop_defaults=dict(VIT_LOOP if vit else CNN_LOOP),
         method_defaults=method_defaults,
         splits=("val", "test"),
         resources=dict(GPU_RESOURCES),
         data=cifar_data(kind),
+        finalize=steps_from_epochs,
     ))
 
 

@@ -3,7 +3,7 @@
 * ``wikitext2_transformer``: IRE paper (Wang et al., NeurIPS 2024,
   https://arxiv.org/abs/2405.20763), small post-LN transformer (2 layers, d 128,
   8 heads, ff 512) on word-level WikiText-2, batch 32, AdamW lr 6e-4, 3000
-  warmup steps, cosine to lr/20 at 100k steps.
+  warmup steps, cosine to lr/20 at 100k steps; ``adamw_ire`` from step 3000.
 * ``wikitext103_llama60m``, ``minipile_llama119m``, ``openwebtext_llama229m``:
   IRE paper's LLaMA pre-training (AdamW betas (0.9, 0.95), wd 0.1, clip 1.0,
   warmup then cosine to lr/20, max lr 6e-4; 50k / 30k / 50k steps; batch 240 /
@@ -215,8 +215,11 @@ WIKITEXT2_TRANSFORMER = register_task(Task(
     method_defaults={
         "*": LLM_OPTIM,
         "adamw": {"weight_decay": 0.1},
-        "adamw_ire": {"weight_decay": 0.1, "ire_rank": 0.01, "ire_prog": 5.0, "ire_prog_decay": True},
+        # IRE from step 3000, the end of the warmup (the paper's 5.4x run)
+        "adamw_ire": {"weight_decay": 0.1, "ire_rank": 0.01, "ire_prog": 5.0, "ire_prog_decay": True,
+                      "ire_start": 3000},
     },
+    size_method_defaults={"smoke": {"adamw_ire": {"ire_start": SMOKE_LOOP["warmup_steps"]}}},
     metric="val/loss",
     mode="min",
     resources=dict(SMALL_RESOURCES),
