@@ -101,6 +101,13 @@ def experiment_url(base: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
+def experiment_links(store: Path, base: str) -> list[str]:
+    """``name: URL`` of each study experiment in a study directory's sqlite store, for a server at ``base``."""
+    client = MlflowClient(tracking_uri=default_tracking_uri(store))
+    return [f"{e.name}: {experiment_url(base, e.experiment_id)}"
+            for e in client.search_experiments(filter_string="name LIKE 'regtune/%'")]
+
+
 def ui_command(uri: str, experiment_id: str | None = None) -> str:
     if uri.startswith("sqlite:"):
         cmd = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
