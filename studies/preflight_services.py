@@ -75,6 +75,10 @@ def _gcs(address: str) -> str | None:
             GcsClient(address=address).cluster_id  # noqa: B018 - the constructor asks the GCS for its cluster id
             outcome["why"] = None
         except Exception as e:  # noqa: BLE001 - RpcError and friends: reported in one line
+            if "auth" in type(e).__name__.lower() or "InvalidAuthToken" in str(e):  # ray.init would fail alike
+                outcome["why"] = ("it requires token authentication and refused this process: set RAY_AUTH_MODE=token "
+                                  "and the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+                return
             outcome["why"] = f"not a Ray GCS: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
     thread = threading.Thread(target=probe, name="regtune-gcs-probe", daemon=True)
@@ -158,6 +162,8 @@ def check_ray(address: str | None) -> None:
         why = _gcs(f"{host}:{port}")
     if why:
         tried = f" (found {target})" if target != address else ""
+        if why.startswith("it requires token"):
+            raise ConfigError(f"{flag} {address!r}{tried}: the {kind} at {host}:{port} answers but {why}")
         raise ConfigError(f"{flag} {address!r}{tried}: no {kind} reachable at {host}:{port} ({why}): "
                           "expected a running cluster (`ray start --head` prints its address)")
 

@@ -112,7 +112,7 @@ def ui_command(uri: str, experiment_id: str | None = None) -> str:
     if uri.startswith("sqlite:"):
         cmd = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
         return cmd + (f", then open {experiment_url('http://127.0.0.1:5000', experiment_id)}" if experiment_id else "")
-    return f"open {experiment_url(uri, experiment_id) if experiment_id else uri} in a browser"
+    return f"open {uri} in a browser" + (f" (the study's runs: {experiment_url(uri, experiment_id)})" if experiment_id else "")
 
 
 class StudyTracker:

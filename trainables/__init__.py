@@ -100,6 +100,9 @@ def _maybe_die(run: Run, marker_dir: str) -> None:
 
 
 def run_trial(method: str, config: Mapping[str, Any]) -> None:
+    from trainables.quiet import quiet_trial_process
+
+    quiet_trial_process()  # no per-checkpoint log lines, no library deprecation noise in the study's output
     torch.set_num_threads(_threads())
     extras = config.get("__extras") or {}
     hparams = {k: v for k, v in config.items() if not k.startswith("__")}
