@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from regtune.space import ConfigError
 from studies.__main__ import main
 from studies.preflight_services import check_ray
-from regtune.space import ConfigError
 from tests.conftest import run_cli
 
 
