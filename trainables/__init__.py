@@ -37,6 +37,9 @@ from regtune.loop import Run
 from regtune.methods import get_method
 from regtune.reference import step_inputs
 from regtune.space import Choice, Domain, IntUniform, LogUniform, Uniform
+from trainables.quiet import sigterm_outside_finalizers
+
+sigterm_outside_finalizers()  # in a trial process (imported on its main thread): no "Exception ignored ... SystemExit"
 
 CHECKPOINT_FILE = "state.pt"
 
