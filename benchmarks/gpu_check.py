@@ -79,7 +79,7 @@ def check_methods(device: str, steps: int, data: Path) -> list[tuple[str, str, s
     make_data(data, set(tasks.values()))
     rows = []
     for method, task in sorted(tasks.items()):
-        what = f"`{method}` on `{task}` (smoke), {steps} steps on {device}"
+        what = f"`{method}` on `{task}` (smoke), {steps} step{'s' if steps > 1 else ''} on {device}"
         try:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
