@@ -1,4 +1,4 @@
-"""Command line: ``python -m studies list | run NAME | report NAME | mlflow | methods | tasks``
+"""Command line: ``python -m studies list | run NAME | report NAME | mlflow | sync-mlflow NAME | methods | tasks``
 (and ``prepare NAME | --study NAME``: make data sets once, ``studies.prepare``).
 
 Bad input (unknown study, method, task or scale, a misspelled hyperparameter,
@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--scale", default=None, help="with --study: this scale only")
     m.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     m.add_argument("--port", type=int, default=5000, help="port of the first server (default: 5000)")
+    y = sub.add_parser("sync-mlflow", help="backfill a study's MLflow runs from its Parquet tables (server was away)")
+    y.add_argument("study")
+    y.add_argument("--scale", default=None, help="budget preset (default: the study's default scale)")
+    y.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
+                   help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
+    y.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite in the study dir)")
     t = sub.add_parser("trial", help="train one config in this process, without Ray (for debugging a method)")
     t.add_argument("method")
     t.add_argument("--task", required=True)
@@ -146,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:  # a server that did not start or died
                 print(f"error: {e}", file=sys.stderr)
                 return 1
+        if args.command == "sync-mlflow":
+            from studies.mlflow_sync import sync_main
+
+            return sync_main(args.study, args.scale, args.storage, args.mlflow_uri)
         from studies import get_study
         from studies.driver import make_report, run_study, study_dir
         from studies.spec import check_study

@@ -35,6 +35,7 @@ from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
 from studies import guard, preflight, provenance
+from studies.preflight_services import check_services
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
@@ -294,6 +295,7 @@ def run_study(
 ) -> Path:
     """Run (or resume) every cell of ``study`` at ``scale``; export Parquet; write the report."""
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
+    check_services(mlflow_uri, address)  # an unreachable MLflow server or Ray cluster: exit 2 within seconds
     sc = study.scales[scale]
     sdir = study_dir(storage, study, scale)
     guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
@@ -341,6 +343,7 @@ def run_study(
 
             ray_stopped = _in_background(ray.shutdown)
         paths = make_report(study, scale, sdir)
+        tracker.sync(sdir)  # runs MLflow missed while its server was away: backfilled from the Parquet tables
         tracker.log_artifacts([*paths, sdir / "trials.parquet", sdir / "curves.parquet"])
         tracker.finish("FINISHED")
     except KeyboardInterrupt:
@@ -353,6 +356,6 @@ def run_study(
     log(f"\nstudy {study.name} ({scale}) done")
     log(f"  results:  {sdir / 'trials.parquet'}\n            {sdir / 'curves.parquet'}")
     log(f"  report:   {paths[0]}\n            {paths[1]}")
-    log(f"  MLflow:   {uri}\n  dashboard: {ui_command(uri)}")
+    log(f"  MLflow:   {uri}\n  dashboard: {ui_command(uri, tracker.experiment_id)}")
     return sdir
 

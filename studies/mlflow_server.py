@@ -27,6 +27,7 @@ from pathlib import Path
 
 from regtune.space import ConfigError
 from studies.guard import check_storage_value
+from studies.tracking import experiment_links
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -182,6 +183,8 @@ def serve(storage: str | os.PathLike, study: str | None = None, scale: str | Non
             if not wait_ready(url, proc, ready_timeout, lambda: stopping["now"]):
                 break
             log(f"MLflow for {sdir.name}: {url}  (store sqlite:///{sdir / DB_FILE})")
+            for link in experiment_links(sdir, url):  # opens on the runs table, not MLflow 3's GenAI overview
+                log(f"  {link}")
         if not stopping["now"]:
             log("Ctrl-C stops the server" + ("s" if len(procs) > 1 else ""))
         sys.stdout.flush()

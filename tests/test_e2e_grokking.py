@@ -39,6 +39,14 @@ def test_trials_parquet_has_one_row_per_trial(smoke_study):
     assert ((adamw["config/lr"] == 1e-3) & (adamw["config/weight_decay"] == 0.1)).any()
 
 
+def test_clean_logs(smoke_study):
+    """A successful study prints no tracebacks and none of Ray's per-checkpoint lines (trainables/quiet.py)."""
+    _, proc = smoke_study
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-4000:]
+    assert "Checkpoint successfully created" not in out
+
+
 def test_mlflow_runs_nested_under_one_parent(smoke_study):
     sdir, _ = smoke_study
     parents, children = mlflow_runs(f"sqlite:///{sdir / 'mlflow.db'}", "regtune/cpr_grokking")

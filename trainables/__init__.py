@@ -40,6 +40,9 @@ from regtune.methods import get_method
 from regtune.reference import step_inputs
 from regtune.space import Choice, Domain, IntUniform, LogUniform, Uniform
 from trainables import permanent
+from trainables.quiet import sigterm_outside_finalizers
+
+sigterm_outside_finalizers()  # in a trial process (imported on its main thread): no "Exception ignored ... SystemExit"
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -112,6 +115,9 @@ def run_trial(method: str, config: Mapping[str, Any]) -> None:
 
 
 def _train(method: str, config: Mapping[str, Any]) -> None:
+    from trainables.quiet import quiet_trial_process
+
+    quiet_trial_process()  # no per-checkpoint log lines, no library deprecation noise in the study's output
     torch.set_num_threads(_threads())
     extras = config.get("__extras") or {}
     hparams = {k: v for k, v in config.items() if not k.startswith("__")}

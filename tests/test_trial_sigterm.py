@@ -1,0 +1,63 @@
+"""A trial process stopped by SIGTERM while it runs a finalizer exits without a traceback (trainables/quiet.py).
+
+Ray's workers turn SIGTERM into ``sys.exit(1)``; landing in a ``__del__`` that ``SystemExit`` is printed as
+"Exception ignored in: ... SystemExit: 1" and the worker lives on. Two real Ray actors get SIGTERM from inside
+a finalizer: one with Ray's handler only (the symptom, so this test can fail), one after importing
+``trainables`` (the trial processes' handler)."""
+
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import ROOT, cli_env
+
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys, time
+    import ray
+
+    ray.init(include_dashboard=False, num_cpus=2, log_to_driver=True)
+
+    @ray.remote
+    class Trial:
+        def __init__(self, quiet):
+            if quiet:
+                import trainables  # noqa: F401 - installs the handler, as in every trial process
+
+        def run(self):
+            class Resource:
+                def __del__(self):  # SIGTERM arrives while a finalizer runs
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    t = time.perf_counter()
+                    while time.perf_counter() - t < 0.5:
+                        pass
+            Resource()
+            time.sleep(60)
+
+    for quiet in (False, True):
+        trial = Trial.remote(quiet)
+        t = time.monotonic()
+        try:
+            ray.get(trial.run.remote(), timeout=20)
+        except ray.exceptions.GetTimeoutError:
+            print(f"RESULT quiet={quiet} alive", flush=True)
+            ray.kill(trial)
+        except ray.exceptions.RayActorError:
+            print(f"RESULT quiet={quiet} exited", flush=True)
+        time.sleep(2)  # let the workers' output reach this driver
+        print(f"END quiet={quiet}", flush=True)
+    ray.shutdown()
+''')
+
+
+def test_sigterm_inside_a_finalizer_ends_a_trial_process_quietly():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)  # one stream, in the order written
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    ray_part, quiet_part = out.split("END quiet=False", 1)
+    # Ray's own handler: the traceback and a worker that does not exit (the symptom)
+    assert "Exception ignored" in ray_part and "SystemExit: 1" in ray_part, ray_part[-3000:]
+    assert "RESULT quiet=False alive" in ray_part
+    # the trial processes' handler: the worker exits, nothing printed
+    assert "RESULT quiet=True exited" in quiet_part, quiet_part[-3000:]
+    assert "Exception ignored" not in quiet_part and "Traceback" not in quiet_part, quiet_part[-3000:]
