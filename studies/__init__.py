@@ -11,7 +11,7 @@ from pathlib import Path
 from regtune.space import ConfigError, suggest
 from studies.spec import Study
 
-_NOT_STUDIES = {"spec", "driver", "tracking", "guard", "mlflow_server", "__main__"}
+_NOT_STUDIES = {"spec", "driver", "tracking", "guard", "mlflow_server", "__main__", "confirm"}
 
 
 def _modules() -> list[str]:

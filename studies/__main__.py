@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=int, default=0, help="seed of the searcher, the scheduler and the trials")
             s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="fix a hyperparameter in every cell (repeatable; VALUE is JSON or a string)")
+            s.add_argument("--confirm-seeds", type=int, default=None, metavar="S",
+                           help="confirm phase: fresh seeds per confirmed config (default: the scale's, 3; 2 at "
+                                "smoke; 0 turns the phase off)")
+            s.add_argument("--confirm-top", type=int, default=None, metavar="K",
+                           help="confirm phase: the top K full-budget search configs of each cell (default 1)")
     m = sub.add_parser("mlflow", help="an MLflow server over the studies' tracking stores (127.0.0.1 by default)")
     m.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
                    help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
@@ -158,9 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         _positive("--num-samples", args.num_samples, 1)
         _positive("--max-concurrent", args.max_concurrent, 1)
         _positive("--seed", args.seed, 0)
+        _positive("--confirm-seeds", args.confirm_seeds, 0)
+        _positive("--confirm-top", args.confirm_top, 1)
         run_study(study, scale, storage=args.storage, num_samples=args.num_samples,
                   max_concurrent=args.max_concurrent, mlflow_uri=args.mlflow_uri, address=args.address,
-                  seed=args.seed, overrides=overrides)
+                  seed=args.seed, overrides=overrides, confirm_seeds=args.confirm_seeds,
+                  confirm_top=args.confirm_top)
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,9 +22,22 @@ from regtune.tasks.base import get_task
 
 @dataclass(frozen=True)
 class Published:
+    """A published number. ``value`` may be given as the text the paper prints (``"96.70"``): ``text`` keeps it,
+    so the report shows it exactly as published. ``std``: the paper's ± (over ``n`` seeds), where it gives one."""
+
     value: float
     source: str  # e.g. "seed README, main table" or "CPR paper Fig. 3"
     metric: str = "test/accuracy"
+    std: float | None = None
+    n: int | None = None  # seeds behind the published mean (and std)
+    text: str = ""  # the value as printed in the paper (default: the shortest form of ``value``)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, str):
+            object.__setattr__(self, "text", self.text or self.value)
+            object.__setattr__(self, "value", float(self.value))
+        if not self.text:
+            object.__setattr__(self, "text", f"{self.value:g}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,10 @@ class Scale:
     reduction_factor: int = 3
     max_failures: int = 2
     doc: str = ""
+    # the confirm phase (studies.confirm): the top ``confirm_top`` full-budget search configs of each cell re-run
+    # with ``confirm_seeds`` fresh seeds (None: 2 at a scale named "smoke", else 3; 0: no confirm phase)
+    confirm_seeds: int | None = None
+    confirm_top: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,9 @@ class Study:
     prepare: Callable[[Path, str], Mapping[str, Any]] | None = None  # (study dir, scale) -> extra fixed config
     resources: Callable[[str, str], Mapping[str, float]] | None = None  # (task, scale) -> {"cpu":..,"gpu":..}
     notes: str = ""
+    # confirm runs train on the task's full training set (``full_train``) where the search held part of it out:
+    # the papers trained on all of it; False where the paper itself held the same part out
+    confirm_full_train: bool = True
 
     def cell(self, name: str) -> Cell:
         for c in self.cells:
