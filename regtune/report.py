@@ -103,7 +103,8 @@ def cell_table(best: pd.DataFrame) -> str:
             s = r.get("steps_to_threshold")
             cells += ["never" if s is None or math.isnan(s) else f"{int(s)}"]
         pub_cfg = r.get("published/config")
-        cells += [_published_text(r, r.get("published/metric"), r.get("published/value")), pub_cfg if isinstance(pub_cfg, str) and pub_cfg != "{}" else "-",
+        published = _published_text(r, r.get("published/metric"), r.get("published/value"))
+        cells += [published, pub_cfg if isinstance(pub_cfg, str) and pub_cfg != "{}" else "-",
                   r.get("published/source") if isinstance(r.get("published/source"), str) else "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

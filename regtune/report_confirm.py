@@ -113,13 +113,14 @@ def _num(metric: str, v: float, spread: bool = False) -> str:
 
 
 def published_metrics(r: pd.Series) -> list[tuple[str, float | None, str, float | None, int | None]]:
-    """(metric, value, text as published, std, n) of every published number of a cell; the cell's own metric
-    with no value when nothing is published."""
+    """(metric, value, text as published (with its ± where given), std, n) of every published number of a cell;
+    the cell's own metric with no value when nothing is published."""
     values, texts, stds = _json(r, "published/values"), _json(r, "published/texts"), _json(r, "published/stds")
     out = []
     for m, v in values.items():
-        std, n = stds.get(m, [None, None])
-        out.append((m, v, texts.get(m, f"{v:g}"), std, n))
+        std, n, std_text = (list(stds.get(m) or []) + [None, None, None])[:3]
+        text = texts.get(m, f"{v:g}")
+        out.append((m, v, text if std is None else f"{text} ± {std_text or f'{std:g}'}", std, n))
     return out or [(r["metric"], None, "-", None, None)]
 
 
@@ -188,7 +189,7 @@ def summarize(trials: pd.DataFrame, curves: pd.DataFrame) -> list[dict[str, Any]
                          "row": first.get("row", ""), "col": first.get("col", ""), "rank": rank, "confirms": tid,
                          "config": src.iloc[0] if len(src) else None, "metric": metric, "published": value,
                          "published_text": text, "published_std": std, "published_n": n,
-                         "seeds": sorted(int(s) for s in mine["config/seed"]) if len(mine) else [],
+                         "seeds": sorted(int(s) for s in mine["config/seed"]) if len(mine) else [], "runs": len(mine),
                          "split": _split(mine, metric) if len(mine) else "-",
                          "verdict": compare(_values(mine, metric), value, std, n)}
                 if "steps_to_threshold" in mine and len(mine):
@@ -200,16 +201,19 @@ def summarize(trials: pd.DataFrame, curves: pd.DataFrame) -> list[dict[str, Any]
 
 
 def ours_text(e: dict[str, Any]) -> str:
+    """'mean ± std (n=..)'; runs without a finite value (diverged, a speed-up never reached) are counted apart."""
     v: Verdict = e["verdict"]
-    if v.n == 0:
+    runs = e.get("runs", v.n)
+    if runs == 0:
         return "not confirmed"
-    return f"{_num(e['metric'], v.mean)} ± {_num(e['metric'], v.std, spread=True)} (n={v.n})"
+    if v.n == 0:
+        return f"- (0 of {runs} runs)"
+    text = f"{_num(e['metric'], v.mean)} ± {_num(e['metric'], v.std, spread=True)} (n={v.n})"
+    return text + (f" of {runs} runs" if v.n < runs else "")
 
 
 def published_text(e: dict[str, Any]) -> str:
-    if e["published"] is None:
-        return "-"
-    return e["published_text"] + (f" ± {e['published_std']:g}" if e["published_std"] is not None else "")
+    return "-" if e["published"] is None else e["published_text"]
 
 
 def pivot(entries: list[dict[str, Any]]) -> str:
@@ -262,7 +266,8 @@ def table(entries: list[dict[str, Any]]) -> str:
         tdf = f"{v.t:.2f} ({v.df:.1f})" if v.test else "-"
         p = f"{v.p:.3f}" if v.test else "-"
         cells = [e["cell"], e["task"], e["method"], cfg, e["split"], ", ".join(map(str, e["seeds"])) or "-",
-                 e["metric"], ours_text(e), published_text(e), v.test or "-", tdf, p, v.text if v.n else "not confirmed"]
+                 e["metric"], ours_text(e), published_text(e), v.test or "-", tdf, p,
+                 v.text if e["runs"] else "not confirmed"]
         if has_thr:
             if "threshold" in e:
                 tv, k, total, _ = e["threshold"]

@@ -38,8 +38,8 @@ from ray.tune.search import Searcher
 from regtune.report_confirm import search_rows
 from regtune.results import read_tables
 from regtune.tasks.base import get_task
-from studies.stage import CellPlan
 from studies.spec import Study
+from studies.stage import CellPlan
 
 STAGE = "stage_confirm"
 FULL_TRAIN = "full_train"  # the task key that trains on the whole training set (regtune.tasks.cifar)

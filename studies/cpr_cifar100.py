@@ -34,7 +34,7 @@ SOURCE = "CPR paper (Franke et al.), CIFAR-100 ResNet-18, mean of 3 seeds"
 LR = 1e-3
 
 
-def _cell(name: str, method: str, col: str, acc: tuple[str, float], knobs: dict, space: dict, point: dict) -> Cell:
+def _cell(name: str, method: str, col: str, acc: tuple[str, str], knobs: dict, space: dict, point: dict) -> Cell:
     return Cell(
         name=name, task=TASK, method=method,
         space={"lr": published_domain(LR), **knobs, **space},
@@ -46,15 +46,15 @@ def _cell(name: str, method: str, col: str, acc: tuple[str, float], knobs: dict,
 
 
 CELLS = (
-    _cell("adamw", "adamw", "AdamW", ("74.9", 0.21), {},
+    _cell("adamw", "adamw", "AdamW", ("74.9", "0.21"), {},
           {"weight_decay": published_domain(1e-3)}, {"weight_decay": 1e-3}),
-    _cell("adam_rescale", "adam_rescale", "Adam + Rescaling", ("74.7", 0.24), {},
+    _cell("adam_rescale", "adam_rescale", "Adam + Rescaling", ("74.7", "0.24"), {},
           {"rescale_alpha": published_domain(0.8, 4.0)}, {"rescale_alpha": 0.8}),
-    _cell("adamcpr-warm_start", "adamcpr", "AdamCPR warm start", ("76.6", 0.22), {"kappa_init_method": "warm_start"},
+    _cell("adamcpr-warm_start", "adamcpr", "AdamCPR warm start", ("76.6", "0.22"), {"kappa_init_method": "warm_start"},
           {"kappa_init_param": IntUniform(250, 4000, log=True)}, {"kappa_init_param": 1000}),
-    _cell("adamcpr-dependent", "adamcpr", "AdamCPR dependent", ("76.4", 0.50), {"kappa_init_method": "dependent"},
+    _cell("adamcpr-dependent", "adamcpr", "AdamCPR dependent", ("76.4", "0.50"), {"kappa_init_method": "dependent"},
           {"kappa_init_param": LogUniform(0.5, 128.0)}, {"kappa_init_param": 8.0}),
-    _cell("adamcpr-inflection_point", "adamcpr", "AdamCPR Kappa-IP", ("76.3", 0.15),
+    _cell("adamcpr-inflection_point", "adamcpr", "AdamCPR Kappa-IP", ("76.3", "0.15"),
           {"kappa_init_method": "inflection_point", "reg_step_size": 50}, {}, {}),
 )
 

@@ -101,7 +101,7 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
             "published/config": json.dumps(dict(cell.published_config)) if cell.published_config else None,
             "published/values": json.dumps({m: p.value for m, p in cell.published.items()}) if cell.published else None,
             "published/texts": json.dumps({m: p.text for m, p in cell.published.items()}) if cell.published else None,
-            "published/stds": json.dumps({m: [p.std, p.n] for m, p in cell.published.items() if p.std is not None})
+            "published/stds": json.dumps({m: [p.std, p.n, p.std_text] for m, p in cell.published.items() if p.std is not None})
             if cell.published else None,
         }
         last_step = int(reports[-1]["step"])

@@ -28,16 +28,19 @@ class Published:
     value: float
     source: str  # e.g. "seed README, main table" or "CPR paper Fig. 3"
     metric: str = "test/accuracy"
-    std: float | None = None
+    std: float | None = None  # also as printed: "0.50"
     n: int | None = None  # seeds behind the published mean (and std)
     text: str = ""  # the value as printed in the paper (default: the shortest form of ``value``)
+    std_text: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.value, str):
-            object.__setattr__(self, "text", self.text or self.value)
-            object.__setattr__(self, "value", float(self.value))
-        if not self.text:
-            object.__setattr__(self, "text", f"{self.value:g}")
+        for key in ("value", "std"):
+            raw, text_key = getattr(self, key), "text" if key == "value" else "std_text"
+            if isinstance(raw, str):
+                object.__setattr__(self, text_key, getattr(self, text_key) or raw)
+                object.__setattr__(self, key, float(raw))
+            elif raw is not None and not getattr(self, text_key):
+                object.__setattr__(self, text_key, f"{raw:g}")
 
 
 @dataclass(frozen=True)
