@@ -159,3 +159,29 @@ def test_search_trace_is_the_running_best_over_cumulative_steps():
         {"cell": "a", "trial_id": "c1", "step": 4, "val/accuracy": 0.9},
     ])
     assert search_trace(trials, curves, "a") == [(2.0, 0.3), (4.0, 0.3), (6.0, 0.5)]
+
+
+def test_confirmed_speedup_pairs_each_seed_with_the_baselines_same_seed():
+    """Seed 1: the baseline ends at loss 1.0 (step 20), the IRE run has it at step 10: 2x. Seed 2: the baseline ends
+    at 1.5; the IRE run passes 2.0 -> 1.0 between steps 10 and 20, 1.5 at step 15: 20 / 15 = 1.333x."""
+    pub = {"published/values": json.dumps({"speedup": 2.1}), "published/texts": json.dumps({"speedup": "2.1"})}
+    rows = []
+    for cell, base, extra in (("base", "", {"published/values": None}), ("ire", "base", pub)):
+        rows.append({"cell": cell, "trial_id": f"{cell}-s", "phase": "search", "config/seed": 0, "speedup_baseline": base,
+                     "status": "completed", "full_budget": True, "steps": 20, "cell_index": int(cell == "ire"), **extra})
+        for seed in (1, 2):
+            rows.append({"cell": cell, "trial_id": f"{cell}-{seed}", "phase": "confirm", "confirms": f"{cell}-s",
+                         "config/seed": seed, "speedup_baseline": base, "status": "completed", "full_budget": True,
+                         "steps": 20, "cell_index": int(cell == "ire"), **extra})
+    trials = _trials(rows).assign(metric="val/loss", mode="min")
+    trials["cell_index"] = [int(c == "ire") for c in trials["cell"]]
+    points = {"base-1": [(10, 2.0), (20, 1.0)], "ire-1": [(10, 1.0), (20, 0.5)],
+              "base-2": [(10, 2.0), (20, 1.5)], "ire-2": [(10, 2.0), (20, 1.0)]}
+    curves = pd.DataFrame([{"cell": t.split("-")[0], "trial_id": t, "step": s, "val/loss": v}
+                           for t, pts in points.items() for s, v in pts])
+    ire = [e for e in summarize(trials, curves) if e["cell"] == "ire"][0]
+    v = ire["verdict"]
+    assert ire["metric"] == "speedup" and v.n == 2
+    assert v.mean == pytest.approx((2.0 + 4 / 3) / 2) and v.std == pytest.approx((2.0 - 4 / 3) / math.sqrt(2))
+    assert v.test == ONE_SAMPLE and v.consistent is True  # t = -1.3 on 1 d.f. (critical value 12.71)
+    assert v.t == pytest.approx((v.mean - 2.1) / (v.std / math.sqrt(2)))
