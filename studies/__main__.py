@@ -88,13 +88,15 @@ def _positive(name: str, value, low: int) -> None:
 
 def cmd_list() -> None:
     from studies import get_study, study_names
+    from studies.spec import confirm_seeds
 
     for name in study_names():
         st = get_study(name)
         print(f"{name:24s} {st.doc}")
         for scale, sc in st.scales.items():
             mark = "*" if scale == st.default_scale else " "
-            print(f"  {mark} --scale {scale:8s} {sc.num_samples:3d} trials/cell  {sc.doc}")
+            print(f"  {mark} --scale {scale:8s} {sc.num_samples:3d} trials/cell + {confirm_seeds(st, scale)} confirm seeds"
+                  f"  {sc.doc}")
 
 
 def cmd_methods() -> None:

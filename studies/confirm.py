@@ -38,7 +38,7 @@ from ray.tune.search import Searcher
 from regtune.report_confirm import search_rows
 from regtune.results import read_tables
 from regtune.tasks.base import get_task
-from studies.spec import Study
+from studies.spec import Study, confirm_seeds
 from studies.stage import CellPlan
 
 STAGE = "stage_confirm"
@@ -48,10 +48,8 @@ FULL_TRAIN = "full_train"  # the task key that trains on the whole training set 
 def settings(study: Study, scale: str, seeds: int | None = None, top: int | None = None) -> tuple[int, int]:
     """(seeds per config, configs per cell) of the confirm phase: the CLI's values, else the scale's, else the
     defaults (3 seeds, 2 at a scale named ``smoke``; the top config)."""
-    sc = study.scales[scale]
-    if seeds is None:
-        seeds = sc.confirm_seeds if sc.confirm_seeds is not None else (2 if scale == "smoke" else 3)
-    return int(seeds), int(top if top is not None else sc.confirm_top)
+    seeds = confirm_seeds(study, scale) if seeds is None else seeds
+    return int(seeds), int(top if top is not None else study.scales[scale].confirm_top)
 
 
 def fresh_seeds(used: Iterable[int], count: int) -> list[int]:

@@ -39,7 +39,7 @@ STUDY = Study(
         # in 20 minutes on two CPU cores; 3000 steps keep AdamCPR's grokking (95% at about step 1,900) in view
         "laptop": Scale(num_samples=2, fixed={"size": "paper", "steps": 3000, "eval_every": 100},
                         grace_fraction=1 / 8,
-                        doc="the paper's task and model, 3000 steps, 2 search trials + 3 confirm seeds a method: "
+                        doc="the paper's task and model, 3000 steps, 2 search trials a method: "
                             "~7-18 min on 2 CPU cores"),
         "smoke": Scale(num_samples=2, fixed={"size": "smoke", "steps": 300, "eval_every": 50},
                        grace_fraction=1 / 3,

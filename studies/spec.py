@@ -204,6 +204,12 @@ def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = 
             resolve_config(cell.method, {**fixed, **point})
 
 
+def confirm_seeds(study: Study, scale: str) -> int:
+    """The scale's confirm seeds per config: its ``confirm_seeds``, else 2 at a scale named ``smoke``, else 3."""
+    sc = study.scales[scale]
+    return sc.confirm_seeds if sc.confirm_seeds is not None else (2 if scale == "smoke" else 3)
+
+
 def stages(study: Study) -> list[list[Cell]]:
     """The cells grouped so that every cell runs in a later stage than the cells it needs (cell order kept)."""
     level: dict[str, int] = {}
