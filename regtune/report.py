@@ -219,7 +219,7 @@ SEARCH_NOTE = ("The best search trial of each cell: one seed, the best of a nois
 
 
 def build_report(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, *, title: str, notes: str = "") -> list[Path]:
-    """Write ``report.md`` and ``curves.png`` into ``out_dir``; return their paths."""
+    """Write ``report.md``, ``curves.png`` and ``search_trace.png`` into ``out_dir``; return their paths."""
     if trials.empty:
         raise ValueError("no trials to report")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ Layout of a study run (``<storage>/<study>-<scale>/``)::
     mlartifacts/           MLflow artifacts of that store
     trials.parquet         one row per trial
     curves.parquet         one row per report
-    report/report.md, report/curves.png
+    report/report.md, report/curves.png, report/search_trace.png
     driver.lock            held by the running driver (studies/guard.py: one driver per study dir)
     tune/.abandoned/       trial dirs of a killed run that the resumed experiment does not own
 
