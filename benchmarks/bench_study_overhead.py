@@ -43,7 +43,7 @@ from regtune.results import read_jsonl  # noqa: E402
 
 STARTED = re.compile(r"^Trial (\S+) started with configuration")
 FINISHED = re.compile(r"^Trial (\S+) (completed|errored) after")
-STAGE = re.compile(r"^\[(stage\d+)\] \d+ cells, \d+ trials in one Tune experiment")
+STAGE = re.compile(r"^\[(stage\w+)\] \d+ cells, \d+ trials in one Tune experiment")  # stage_confirm too
 
 
 def run_study(storage: Path, max_concurrent: int, num_samples: int, sets: list[str] = (),

@@ -41,8 +41,10 @@ class ReferenceMissing(FileNotFoundError):
 
 
 def best_completed_trial(trials: pd.DataFrame, cell: str) -> pd.Series | None:
-    """The best trial of ``cell`` among those that ran their whole budget (None if there is none)."""
+    """The best search trial of ``cell`` among those that ran their whole budget (None if there is none)."""
     rows = trials[(trials["cell"] == cell) & (trials["status"] == "completed")]
+    if "phase" in rows:  # the search's trials (confirm runs re-run the best one with other seeds)
+        rows = rows[rows["phase"] == "search"]
     if rows.empty:
         return None
     metric, mode = rows["metric"].iloc[0], rows["mode"].iloc[0]

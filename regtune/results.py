@@ -3,13 +3,21 @@
 
 The report module reads only these files, so a report can be rebuilt offline.
 
-``trials`` columns: ``study, scale, cell, task, method, trial_id, status,
-steps, budget, seconds, full_budget, row, col, metric, mode`` + ``config/<key>``
+``trials`` columns: ``study, scale, cell, task, method, trial_id, phase,
+confirms, started, status, steps, budget, seconds, full_budget, row, col, metric,
+mode`` + ``config/<key>``
 (the flattened config) + ``final/<metric>`` and ``best/<metric>`` for every
 numeric metric + ``steps_to_threshold`` + ``published/value``,
 ``published/source``, ``published/metric``, ``published/config`` (JSON),
 ``published/values`` (JSON: every published metric of the cell -> value),
-``data_source`` (one line: the data the trial read, ``studies.provenance``).
+``data_source`` (one line: the data the trial read, ``studies.provenance``),
+``published/texts`` (JSON: metric -> the value as the paper prints it),
+``published/stds`` (JSON: metric -> [the paper's std, its number of seeds]).
+
+``phase``: ``search`` (a trial of the cell's Optuna + ASHA search) or ``confirm``
+(a re-run of the search trial ``confirms`` names, with a fresh ``config/seed``, at
+full budget; ``studies.confirm``). ``started``: when the trial started (seconds
+since the epoch, from its first report), for the search trace.
 
 ``status``: ``completed`` (ran its whole budget), ``stopped`` (stopped early by
 the scheduler), ``diverged`` (non-finite loss), ``error`` (the trial raised).

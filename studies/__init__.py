@@ -11,7 +11,8 @@ from pathlib import Path
 from regtune.space import ConfigError, suggest
 from studies.spec import Study
 
-_NOT_STUDIES = {"spec", "driver", "tracking", "guard", "mlflow_server", "__main__", "preflight", "prepare"}
+_NOT_STUDIES = {"spec", "driver", "tracking", "guard", "mlflow_server", "__main__", "preflight", "prepare", "confirm",
+                "stage", "provenance", "preflight_services", "mlflow_sync", "estimate", "scaleout"}
 
 
 def _modules() -> list[str]:

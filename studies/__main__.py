@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=int, default=0, help="seed of the searcher, the scheduler and the trials")
             s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="fix a hyperparameter in every cell (repeatable; VALUE is JSON or a string)")
+            s.add_argument("--confirm-seeds", type=int, default=None, metavar="S",
+                           help="confirm phase: fresh seeds per confirmed config (default: the scale's, 3; 2 at "
+                                "smoke; 0 turns the phase off)")
+            s.add_argument("--confirm-top", type=int, default=None, metavar="K",
+                           help="confirm phase: the top K full-budget search configs of each cell (default 1)")
     m = sub.add_parser("mlflow", help="an MLflow server over the studies' tracking stores (127.0.0.1 by default)")
     m.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
                    help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
@@ -90,13 +95,15 @@ def _positive(name: str, value, low: int) -> None:
 
 def cmd_list() -> None:
     from studies import get_study, study_names
+    from studies.spec import confirm_seeds
 
     for name in study_names():
         st = get_study(name)
         print(f"{name:24s} {st.doc}")
         for scale, sc in st.scales.items():
             mark = "*" if scale == st.default_scale else " "
-            print(f"  {mark} --scale {scale:8s} {sc.num_samples:3d} trials/cell  {sc.doc}")
+            print(f"  {mark} --scale {scale:8s} {sc.num_samples:3d} trials/cell + {confirm_seeds(st, scale)} confirm seeds"
+                  f"  {sc.doc}")
 
 
 def cmd_methods() -> None:
@@ -172,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         _positive("--num-samples", args.num_samples, 1)
         _positive("--max-concurrent", args.max_concurrent, 1)
         _positive("--seed", args.seed, 0)
+        _positive("--confirm-seeds", args.confirm_seeds, 0)
+        _positive("--confirm-top", args.confirm_top, 1)
         run_study(study, scale, storage=args.storage, num_samples=args.num_samples,
                   max_concurrent=args.max_concurrent, mlflow_uri=args.mlflow_uri, address=args.address,
-                  seed=args.seed, overrides=overrides)
+                  seed=args.seed, overrides=overrides, confirm_seeds=args.confirm_seeds,
+                  confirm_top=args.confirm_top)
         return 0
     except ConfigError as e:
         for line in str(e).splitlines():  # one line, or one per item (e.g. each missing data set)

@@ -120,7 +120,7 @@ def implicit_cell(
         method=method,
         space=space,
         points=(point,),
-        published={m: Published(v, source, metric=m) for m, v in published.items()},
+        published={m: Published(f"{v:.2f}", source, metric=m) for m, v in published.items()},  # as printed
         published_config={**point, **(fixed or {})},
         row=row or MODELS[task],
         col=col or COLUMNS[method],

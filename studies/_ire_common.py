@@ -100,7 +100,7 @@ def cell(
     *,
     space: Mapping[str, Any],
     point: Mapping[str, Any],
-    published: float | None = None,
+    published: float | str | None = None,
     source: str = "",
     metric: str = "test/accuracy",
     published_config: Mapping[str, Any] | None = None,

@@ -5,11 +5,12 @@ calls of the driver live here.
 Layout of a study run (``<storage>/<study>-<scale>/``)::
 
     tune/stage<k>/<cell>_<trial id>/   Ray Tune experiments (restored when run again)
+    tune/stage_confirm/                the confirm phase: the best configs with fresh seeds (studies/confirm.py)
     mlflow.db              the default embedded MLflow store (sqlite)
     mlartifacts/           MLflow artifacts of that store
     trials.parquet         one row per trial
     curves.parquet         one row per report
-    report/report.md, report/curves.png
+    report/report.md, report/curves.png, report/search_trace.png
     driver.lock            held by the running driver (studies/guard.py: one driver per study dir)
     tune/.abandoned/       trial dirs of a killed run that the resumed experiment does not own
 
@@ -77,11 +78,14 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
             continue
         trial_id = reports[-1].get("trial_id") or tdir.name
         config = {k: v for k, v in params.items() if not k.startswith("__")}
+        extras = params.get("__extras") or {}
         pub = cell.published.get(task.metric.replace("val/", "test/")) or next(iter(cell.published.values()), None)
         meta = {
             "study": study.name, "scale": scale, "cell": cell.name, "cell_index": study.cells.index(cell),
             "task": cell.task, "method": cell.method,
-            "trial_id": trial_id, "budget": budget, "metric": task.metric, "mode": task.mode,
+            "trial_id": trial_id, "phase": extras.get("phase", "search"), "confirms": extras.get("confirms"),
+            "started": float(reports[0].get("timestamp", math.nan)) - float(reports[0].get("time_total_s", 0.0)),
+            "budget": budget, "metric": task.metric, "mode": task.mode,
             "row": cell.row, "col": cell.col, "searched": json.dumps(searched),
             "speedup_baseline": cell.speedup_baseline,
             "speedup_metric": cell.speedup_metric, "speedup_mode": cell.speedup_mode,
@@ -90,6 +94,9 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
             "published/metric": pub.metric if pub else None,
             "published/config": json.dumps(dict(cell.published_config)) if cell.published_config else None,
             "published/values": json.dumps({m: p.value for m, p in cell.published.items()}) if cell.published else None,
+            "published/texts": json.dumps({m: p.text for m, p in cell.published.items()}) if cell.published else None,
+            "published/stds": json.dumps({m: [p.std, p.n, p.std_text] for m, p in cell.published.items() if p.std is not None})
+            if cell.published else None,
         }
         last_step = int(reports[-1]["step"])
         errored = any((tdir / f).exists() for f in ("error.txt", "error.pkl")) and last_step < budget \
@@ -214,10 +221,11 @@ def _trial_dirname(trial) -> str:
 
 def run_stage(
     study: Study, scale: str, name: str, cells: list[Cell], plans: list, sdir: Path, tracker, *,
-    num_samples: int, max_concurrent: int, log: Callable[[str], None],
+    num_samples: int, max_concurrent: int, log: Callable[[str], None], phase: str = "search",
 ) -> None:
     """Run (or resume) the cells of one stage (``plans``: theirs, from ``cell_plan``) as one Tune experiment
-    in ``tune/<name>``."""
+    in ``tune/<name>``. ``phase="confirm"``: ``plans`` are ``studies.confirm.ConfirmPlan``s (fixed configs, no
+    early stopping)."""
     # a snapshot per checkpoint is what makes a killed driver resumable (num_to_keep): not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
@@ -236,8 +244,14 @@ def run_stage(
         return tune.PlacementGroupFactory([{"CPU": r["cpu"], "GPU": r.get("gpu", 0)}])
 
     trainable = tune.with_resources(trainables.by_config(study.name), resources)
-    callbacks = [tracker.callback(name, {"study": study.name, "scale": scale})]
-    total = num_samples * len(plans)
+    callbacks = [tracker.callback(name, {"study": study.name, "scale": scale, "phase": phase})]
+    total = sum(p.num_samples for p in plans)
+    if phase == "confirm":
+        from studies.confirm import algorithms
+
+        search_alg, scheduler = algorithms(plans)
+    else:
+        search_alg, scheduler = CellSearch(plans), CellScheduler(plans, log)
     tuner = None
     if tune.Tuner.can_restore(str(exp_dir)):  # only ever the study's own experiment dir
         log(f"[{name}] resuming the interrupted experiment in {exp_dir}")
@@ -251,7 +265,7 @@ def run_stage(
             trainable,
             param_space={},  # every config comes from CellSearch: the cell's fixed values + its searcher's
             tune_config=tune.TuneConfig(
-                scheduler=CellScheduler(plans, log), search_alg=CellSearch(plans),
+                scheduler=scheduler, search_alg=search_alg,
                 num_samples=total, max_concurrent_trials=max_concurrent,
                 trial_dirname_creator=_trial_dirname, reuse_actors=True,  # no new process per trial
             ),
@@ -264,7 +278,7 @@ def run_stage(
                 verbose=1,
             ),
         )
-    for cell, p in zip(cells, plans):
+    for cell, p in zip(cells, plans if phase == "search" else []):
         log(f"[{cell.name}] {cell.task} x {cell.method}: {num_samples} trials, budget {p.budget} steps, "
             f"searching {', '.join(p.searched) or 'nothing'}")
     log(f"[{name}] {len(cells)} cells, {total} trials in one Tune experiment, up to {max_concurrent} at a time")
@@ -291,9 +305,14 @@ def run_study(
     address: str | None = None,
     seed: int = 0,
     overrides: Mapping[str, Any] | None = None,
+    confirm_seeds: int | None = None,
+    confirm_top: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run (or resume) every cell of ``study`` at ``scale``; export Parquet; write the report."""
+    """Run (or resume) every cell of ``study`` at ``scale``, then its confirm phase (``studies.confirm``;
+    ``confirm_seeds`` 0: none); export Parquet; write the report."""
+    from studies import confirm
+
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
     check_services(mlflow_uri, address)  # an unreachable MLflow server or Ray cluster: exit 2 within seconds
     sc = study.scales[scale]
@@ -326,8 +345,10 @@ def run_study(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n = num_samples or sc.num_samples
     conc = max_concurrent or sc.max_concurrent or max(1, cpus)
-    tracker.log_params({"scale": scale, "num_samples": n, "max_concurrent": conc, "seed": seed})
-    plans = []
+    n_seeds, n_top = confirm.settings(study, scale, confirm_seeds, confirm_top)
+    tracker.log_params({"scale": scale, "num_samples": n, "max_concurrent": conc, "seed": seed,
+                        "confirm_seeds": n_seeds, "confirm_top": n_top})
+    plans, search_plans = [], []
     ray_stopped = None
     try:
         groups = stages(study)
@@ -335,9 +356,13 @@ def run_study(
             cell_plans = [cell_plan(study, scale, c, sdir, extra=extra, num_samples=n, seed=seed,
                                     overrides=overrides) for c in cells]
             plans += [(c, p.budget, sorted(p.searched)) for c, p in zip(cells, cell_plans)]
+            search_plans += cell_plans
             run_stage(study, scale, f"stage{k}", cells, cell_plans, sdir, tracker, num_samples=n,
                       max_concurrent=conc, log=log)
             export(study, scale, sdir, plans)  # later stages read these results (external grafting)
+        if n_seeds > 0:
+            confirm.run_confirm(study, scale, sdir, tracker, search_plans, plans, seeds=n_seeds, top=n_top,
+                                max_concurrent=conc, log=log)
         if local_ray:  # Tune is done with Ray: the local Ray stops while the report is written
             import ray
 
@@ -355,7 +380,7 @@ def run_study(
         lock.release()
     log(f"\nstudy {study.name} ({scale}) done")
     log(f"  results:  {sdir / 'trials.parquet'}\n            {sdir / 'curves.parquet'}")
-    log(f"  report:   {paths[0]}\n            {paths[1]}")
+    log(f"  report:   {paths[0]}\n" + "".join(f"            {p}\n" for p in paths[1:]).rstrip("\n"))
     log(f"  MLflow:   {uri}\n  dashboard: {ui_command(uri, tracker.experiment_id)}")
     return sdir
 

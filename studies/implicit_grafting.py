@@ -48,6 +48,7 @@ STUDY = Study(
     ),
     scales={"paper": PAPER_SCALE, "smoke": smoke_scale()},
     default_scale="paper",
+    confirm_full_train=False,  # the paper itself trains on 40000 and picks the checkpoint on the other 10000
     prepare=preparer("cifar10", "cifar100"),
     resources=resources,
     notes="Published values: test accuracy (%) of the best-validation checkpoint (seed README). Grafting and NGD "

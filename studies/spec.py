@@ -23,9 +23,25 @@ from regtune.tasks.base import get_task
 
 @dataclass(frozen=True)
 class Published:
+    """A published number. ``value`` may be given as the text the paper prints (``"96.70"``): ``text`` keeps it,
+    so the report shows it exactly as published. ``std``: the paper's ± (over ``n`` seeds), where it gives one."""
+
     value: float
     source: str  # e.g. "seed README, main table" or "CPR paper Fig. 3"
     metric: str = "test/accuracy"
+    std: float | None = None  # also as printed: "0.50"
+    n: int | None = None  # seeds behind the published mean (and std)
+    text: str = ""  # the value as printed in the paper (default: the shortest form of ``value``)
+    std_text: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("value", "std"):
+            raw, text_key = getattr(self, key), "text" if key == "value" else "std_text"
+            if isinstance(raw, str):
+                object.__setattr__(self, text_key, getattr(self, text_key) or raw)
+                object.__setattr__(self, key, float(raw))
+            elif raw is not None and not getattr(self, text_key):
+                object.__setattr__(self, text_key, f"{raw:g}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,10 @@ class Scale:
     reduction_factor: int = 3
     max_failures: int = 2
     doc: str = ""
+    # the confirm phase (studies.confirm): the top ``confirm_top`` full-budget search configs of each cell re-run
+    # with ``confirm_seeds`` fresh seeds (None: 2 at a scale named "smoke", else 3; 0: no confirm phase)
+    confirm_seeds: int | None = None
+    confirm_top: int = 1
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,9 @@ class Study:
     prepare: Callable[[Path, str], Mapping[str, Any]] | None = None  # (study dir, scale) -> extra fixed config
     resources: Callable[[str, str], Mapping[str, float]] | None = None  # (task, scale) -> {"cpu":..,"gpu":..}
     notes: str = ""
+    # confirm runs train on the task's full training set (``full_train``) where the search held part of it out:
+    # the papers trained on all of it; False where the paper itself held the same part out
+    confirm_full_train: bool = True
 
     def cell(self, name: str) -> Cell:
         for c in self.cells:
@@ -190,6 +213,12 @@ def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = 
             resolve_config(cell.method, {**fixed, **corner})
         for point in cell.points:
             resolve_config(cell.method, {**fixed, **point})
+
+
+def confirm_seeds(study: Study, scale: str) -> int:
+    """The scale's confirm seeds per config: its ``confirm_seeds``, else 2 at a scale named ``smoke``, else 3."""
+    sc = study.scales[scale]
+    return sc.confirm_seeds if sc.confirm_seeds is not None else (2 if scale == "smoke" else 3)
 
 
 def stages(study: Study) -> list[list[Cell]]:

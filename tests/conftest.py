@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,34 @@ def report_table(md: str, heading: str) -> dict[str, list[str]]:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def check_confirm(trials, md: str, seeds: int = 2) -> None:
+    """The confirm phase of a smoke study: every cell's best full-budget search trial re-ran with ``seeds`` fresh
+    seeds (none a search seed) at full budget, and the report leads with mean ± std (n) and a verdict per cell."""
+    search, conf = trials[trials["phase"] == "search"], trials[trials["phase"] == "confirm"]
+    assert set(trials["phase"]) == {"search", "confirm"} and trials["trial_id"].is_unique
+    assert set(conf["cell"]) == set(search["cell"])
+    for cell, rows in conf.groupby("cell"):
+        mine = search[search["cell"] == cell]
+        assert rows["config/seed"].nunique() == seeds == len(rows), (cell, rows["config/seed"].tolist())
+        assert not set(rows["config/seed"]) & set(mine["config/seed"]), cell  # fresh seeds
+        assert set(rows["confirms"]) <= set(mine.loc[mine["full_budget"], "trial_id"]), cell
+        assert rows["full_budget"].all() and (rows["status"] != "stopped").all(), cell  # no early stopping
+        searched = json.loads(rows["searched"].iloc[0])
+        src = mine.set_index("trial_id").loc[rows["confirms"].iloc[0]]
+        for k in searched:  # the confirmed config is the search trial's
+            assert rows[f"config/{k}"].iloc[0] == src[f"config/{k}"], (cell, k)
+    assert search["confirms"].isna().all()
+    table = report_table(md, "Confirmed results per cell")
+    head = table.pop("cell")
+    assert head[-1 if "steps to" not in head[-1] else -2] == "verdict" and "ours: mean ± std (n)" in head
+    ours, verdict = head.index("ours: mean ± std (n)"), head.index("verdict")
+    assert set(table) == set(trials["cell"])
+    for cell, cells in table.items():
+        if cells[head.index("metric")] == "speedup":  # a seed whose IRE run never reaches the baseline has none
+            assert re.fullmatch(rf"\S+ ± \S+ \(n=\d\)( of {seeds} runs)?|- \(0 of {seeds} runs\)", cells[ours])
+            assert cells[verdict] in {"consistent", "differs"} or cells[verdict].startswith("no test"), cells
+            continue
+        assert re.fullmatch(rf"\S+ ± \S+ \(n={seeds}\)", cells[ours]), (cell, cells[ours])
+        assert cells[verdict] in {"consistent", "differs", "no published value"}, (cell, cells[verdict])

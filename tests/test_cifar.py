@@ -79,10 +79,24 @@ def test_protocol_splits(root):
                   device=CPU, seed=0)
 
 
+def test_full_train_trains_on_every_training_image(root):
+    """The confirm phase's ``full_train``: the whole training set trains (the papers' protocol), whatever n_train
+    says; val stays the last n_val (inside the training data then)."""
+    raw = load_cifar("cifar10", root)
+    data = CifarData("cifar10", data_dir=str(root), download=False, n_train=300, n_val=150, n_test=None,
+                     device=CPU, seed=0, full_train=True)
+    assert torch.equal(data.train_x, raw["train_x"]) and data.train_x.shape[0] == 500
+    assert torch.equal(data.val_x, raw["train_x"][-150:])
+    seen = torch.cat([data.train_indices(s, 100) for s in range(5)])  # one epoch visits all 500
+    assert sorted(seen.tolist()) == list(range(500))
+
+
 def test_paper_split_sizes_are_40000_and_10000():
     task = get_task("cifar10_resnet18")
     c = resolve_config("pseudo_gd", {"task": task.name})
     assert (c["n_train"], c["n_val"], c["n_test"]) == (40000, 10000, None)
+    assert c["full_train"] is False  # the search holds 10000 out; the confirm phase sets it
+    assert resolve_config("sgd", {"task": "cifar100_resnet18_cpr", "full_train": True})["full_train"] is True
     assert task.splits == ("val", "test")
 
 

@@ -15,6 +15,8 @@ CASES = [
     (["run", "cpr_grokking", "--set", "rescale_alpha=0"], "rescale_alpha=0 is not allowed: expected a number > 0"),
     (["run", "cpr_grokking", "--set", "steps=-5"], "steps=-5 is not allowed: expected an integer >= 1"),
     (["run", "cpr_grokking", "--num-samples", "0"], "--num-samples=0 is not allowed"),
+    (["run", "cpr_grokking", "--confirm-seeds", "-1"], "--confirm-seeds=-1 is not allowed: expected an integer >= 0"),
+    (["run", "cpr_grokking", "--confirm-top", "0"], "--confirm-top=0 is not allowed: expected an integer >= 1"),
     (["run", "cpr_grokking", "--set", "lr"], "expected KEY=VALUE"),
     (["trial", "adamcrp", "--task", "grokking"], "unknown method 'adamcrp' (did you mean 'adamcpr'?)"),
     (["trial", "adamcpr", "--task", "grok"], "unknown task 'grok' (did you mean 'grokking'?)"),

@@ -71,6 +71,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 def check_study_outputs(sdir: Path, uri: str) -> None:
     trials = pd.read_parquet(sdir / "trials.parquet")
     assert set(trials["cell"]) == CELLS and trials["trial_id"].is_unique and len(trials) == 3
+    assert set(trials["phase"]) == {"search"}  # --confirm-seeds 0: no confirm phase
     parents, children = mlflow_runs(uri, EXPERIMENT)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])
@@ -129,7 +130,7 @@ def ray_job_study(tmp_path_factory, mlflow_server):
         refused = subprocess.run([*ray_job, "list", "--address", address], env=no_token, capture_output=True,
                                  text=True, timeout=120, check=False)
         study = ["python", "-m", "studies", "run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
-                 "--num-samples", "1", "--mlflow-uri", mlflow_server["url"]]
+                 "--num-samples", "1", "--confirm-seeds", "0", "--mlflow-uri", mlflow_server["url"]]  # search only
         # a first submission is stopped (`ray job stop`: SIGTERM) once a trial has reported ...
         first = subprocess.run(
             [*ray_job, "submit", "--address", address, "--working-dir", ".", "--submission-id", "regtune-stopped",

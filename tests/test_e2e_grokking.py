@@ -8,7 +8,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, cli_env, mlflow_runs, run_cli
+from tests.conftest import ROOT, check_confirm, cli_env, mlflow_runs, run_cli
 
 METHODS = {"adamw", "adam_rescale", "adamcpr"}
 
@@ -26,16 +26,19 @@ def test_trials_parquet_has_one_row_per_trial(smoke_study):
     trials = pd.read_parquet(sdir / "trials.parquet")
     assert set(trials["method"]) == METHODS
     assert trials["trial_id"].is_unique
-    assert (trials.groupby("method").size() == 2).all()  # smoke: 2 trials per cell
+    search = trials[trials["phase"] == "search"]
+    assert (search.groupby("method").size() == 2).all()  # smoke: 2 search trials per cell
     assert set(trials["status"]) <= {"completed", "stopped"}
     assert (trials.loc[trials["status"] == "completed", "steps"] == 300).all()
-    for col in ("config/lr", "final/val/accuracy", "best/val/accuracy", "seconds", "steps_to_threshold"):
+    for col in ("config/lr", "config/seed", "final/val/accuracy", "best/val/accuracy", "seconds", "steps_to_threshold"):
         assert col in trials
+    assert (search["config/seed"] == 0).all()  # the search's one seed (--seed 0)
+    check_confirm(trials, (sdir / "report" / "report.md").read_text(), seeds=2)  # smoke: 2 fresh seeds per cell
     curves = pd.read_parquet(sdir / "curves.parquet")
     assert set(curves["trial_id"]) == set(trials["trial_id"])
     assert not curves.duplicated(["trial_id", "step"]).any()
     # the first Optuna point of each cell is the paper's setting
-    adamw = trials[trials["method"] == "adamw"]
+    adamw = search[search["method"] == "adamw"]
     assert ((adamw["config/lr"] == 1e-3) & (adamw["config/weight_decay"] == 0.1)).any()
 
 
@@ -55,12 +58,14 @@ def test_mlflow_runs_nested_under_one_parent(smoke_study):
     assert len(children) == len(trials)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])
+    phases = dict(zip(trials["trial_id"], trials["phase"]))
+    assert all(c.data.tags["phase"] == phases[c.data.tags["trial_id"]] for c in children)  # search / confirm
     assert all(c.info.status == "FINISHED" for c in children)
     assert all("val/accuracy" in c.data.metrics for c in children)
     from mlflow.tracking import MlflowClient
 
     arts = MlflowClient(f"sqlite:///{sdir / 'mlflow.db'}").list_artifacts(parents[0].info.run_id, "report")
-    assert {"report.md", "curves.png"} <= {a.path.split("/")[-1] for a in arts}
+    assert {"report.md", "curves.png", "search_trace.png"} <= {a.path.split("/")[-1] for a in arts}
 
 
 def test_report_has_a_row_per_method_and_a_plot(smoke_study):
@@ -69,8 +74,10 @@ def test_report_has_a_row_per_method_and_a_plot(smoke_study):
     rows = [line for line in md.splitlines() if line.startswith("| ") and "grokking" in line]
     assert {line.split("|")[3].strip() for line in rows} == METHODS
     assert "steps to val/accuracy >= 0.95" in md
-    png = sdir / "report" / "curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert md.index("## Confirmed results per cell") < md.index("## Best configuration per cell (search, one seed)")
+    for name in ("curves.png", "search_trace.png"):
+        png = sdir / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout  # the dashboard command is printed
 
 

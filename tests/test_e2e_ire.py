@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from regtune.report_speedup import baseline_speedup, speedup
-from tests.conftest import mlflow_runs, report_table, run_smoke_study
+from tests.conftest import check_confirm, mlflow_runs, report_table, run_smoke_study
 
 # study -> the (task, method) pairs it must have run, in order (written out here, not read from the spec)
 EXPECTED = {
@@ -49,20 +49,27 @@ PUBLISHED = {  # every published number the report's table must show, in parenth
 ROWS = {"ire_wikitext2": ["AdamW", "AdamW-IRE (train/loss)", "AdamW-IRE (speedup)"]}
 
 
-def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) -> str:
-    """Every cell ran its one smoke trial to the end on the generated data, Optuna's first point is the
-    published setting, MLflow nests one run per trial under one study run, and the report's published table
-    has the paper's shape with every published value in it. Returns the report's text."""
+def search(trials: pd.DataFrame) -> pd.DataFrame:
+    return trials[trials["phase"] == "search"]
+
+
+def check_common(name: str, sdir, all_trials: pd.DataFrame, curves: pd.DataFrame) -> str:
+    """Every cell ran its one smoke search trial to the end on the generated data, Optuna's first point is the
+    published setting, MLflow nests one run per trial under one study run, the confirm phase re-ran each cell's
+    config with 2 fresh seeds, and the report's published tables (confirmed, and the best search trial) have
+    the paper's shape with every published value in it, as printed. Returns the report's text."""
+    trials = search(all_trials)
     study = importlib.import_module(f"studies.{name}").STUDY
     assert list(zip(trials["task"], trials["method"])) == EXPECTED[name]
     assert list(trials["cell"]) == [c.name for c in study.cells] and trials["trial_id"].is_unique
-    assert (trials["status"] == "completed").all(), trials[["cell", "status"]]
-    assert (trials["steps"] == trials["cell"].map(lambda c: 2 * STEPS[name] if c.endswith("-2T") else STEPS[name])).all()
+    assert (all_trials["status"] == "completed").all(), all_trials[["cell", "status"]]
+    assert (all_trials["steps"] == all_trials["cell"].map(
+        lambda c: 2 * STEPS[name] if c.endswith("-2T") else STEPS[name])).all()
     data = sdir.resolve() / "data"
-    assert (trials["config/data_dir"] == str(data / "imagenet" if name == "ire_imagenet" else data)).all()
+    assert (all_trials["config/data_dir"] == str(data / "imagenet" if name == "ire_imagenet" else data)).all()
     for metric in trials["metric"].unique():
         assert trials[f"final/{metric}"].map(math.isfinite).all()
-    assert set(curves["trial_id"]) == set(trials["trial_id"])
+    assert set(curves["trial_id"]) == set(all_trials["trial_id"])
     for c, (_, row) in zip(study.cells, trials.iterrows()):
         searched = json.loads(row["searched"])
         point = {k: v for k, v in c.points[0].items() if k in searched}
@@ -73,20 +80,25 @@ def check_common(name: str, sdir, trials: pd.DataFrame, curves: pd.DataFrame) ->
     parents, children = mlflow_runs(f"sqlite:///{sdir / 'mlflow.db'}", f"regtune/{name}")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(all_trials["trial_id"])
     assert {c.data.tags["cell"] for c in children} == {c.name for c in study.cells}
 
     md = (sdir / "report" / "report.md").read_text()
+    check_confirm(all_trials, md, seeds=2)
     # every row and the report name the data: here the smoke hooks' generated stand-ins
-    assert trials["data_source"].str.contains("GENERATED stand-in").all(), trials["data_source"]
+    assert all_trials["data_source"].str.contains("GENERATED stand-in").all(), all_trials["data_source"]
     sources = md.split("## Data source per cell", 1)[1]
     assert all(f"- {c.name}: " in sources for c in study.cells)
-    table = report_table(md, "Published table: ours (published)")
-    header = table.pop("")
-    assert header == list(dict.fromkeys(c.col for c in study.cells))
-    assert list(table) == ROWS.get(name, list(dict.fromkeys(c.row for c in study.cells)))
-    shown = [float(v) for cells in table.values() for text in cells for v in re.findall(r"\(([\d.]+)\)", text)]
-    assert sorted(shown) == sorted(PUBLISHED[name])
+    published = sorted(p.text for c in study.cells for p in c.published.values())
+    assert sorted(float(t) for t in published) == sorted(PUBLISHED[name])
+    for heading, pattern in [("Published table: best single search trial, one seed (published)", r"\(([\d.]+)\)"),
+                             ("Published table: confirmed mean ± std (n) vs published", r" vs ([\d.]+):")]:
+        table = report_table(md, heading)
+        header = table.pop("")
+        assert header == list(dict.fromkeys(c.col for c in study.cells))
+        assert list(table) == ROWS.get(name, list(dict.fromkeys(c.row for c in study.cells))), heading
+        shown = [v for cells in table.values() for text in cells for v in re.findall(pattern, text)]
+        assert sorted(shown) == published, heading  # as printed: 96.70, not 96.7
     return md
 
 
@@ -135,13 +147,15 @@ def test_ire_cifar(tmp_path_factory):
     assert (trials["final/test/accuracy_max"] >= trials["final/test/accuracy"]).all()
     assert (trials["published/metric"] == "test/accuracy_max").all()
     assert "## Test accuracy: best over evaluations and final" in md
-    assert "| SAM-IRE | " in md and "(96.7)" in md and "Speed-up" not in md
+    assert "| SAM-IRE | " in md and "(96.70)" in md and "Speed-up" not in md
     assert (sdir / "data" / "cifar-10-batches-py" / "data_batch_1").is_file()
 
 
 def test_ire_vit_cifar100(tmp_path_factory):
     sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_vit_cifar100")
     check_common("ire_vit_cifar100", sdir, trials, curves)
+    assert trials.loc[trials["phase"] == "confirm", "config/full_train"].eq(True).all()  # the paper's 50k images
+    trials = search(trials)
     sam = trials[trials["method"].isin(["sam", "sam_ire"])]
     assert (sam["config/sam_base"] == "adamw").all() and len(sam) == 4
     assert trials["final/test/accuracy"].between(0, 1).all()
@@ -151,14 +165,17 @@ def test_ire_imagenet(tmp_path_factory):
     sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_imagenet")
     md = check_common("ire_imagenet", sdir, trials, curves)
     assert trials["final/val/accuracy"].between(0, 1).all()
-    table = report_table(md, "Published table: ours (published)")
-    assert table["SGD"][1] == "N/A" and table["AdamW"][0] == "N/A"  # Tables 2 and 4 side by side
+    for heading in ("Published table: best single search trial, one seed (published)",
+                    "Published table: confirmed mean ± std (n) vs published"):
+        table = report_table(md, heading)
+        assert table["SGD"][1] == "N/A" and table["AdamW"][0] == "N/A"  # Tables 2 and 4 side by side
     assert len(list((sdir / "data" / "imagenet" / "train").iterdir())) == 4
 
 
 def test_ire_wikitext2(tmp_path_factory):
     sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_wikitext2")
     md = check_common("ire_wikitext2", sdir, trials, curves)
+    trials = search(trials)
     assert "## Speed-up over the baseline" in md and "| 5.4x |" in md  # the published speed-up, in its table
     check_speedups(md, trials, curves, ["wikitext2_transformer"])
     ire = trials[trials["method"] == "adamw_ire"].iloc[0]
@@ -168,10 +185,12 @@ def test_ire_wikitext2(tmp_path_factory):
 def test_ire_llama(tmp_path_factory):
     sdir, trials, curves = run_smoke_study(tmp_path_factory, "ire_llama")
     md = check_common("ire_llama", sdir, trials, curves)
+    trials = search(trials)
     tasks = ["wikitext103_llama60m", "minipile_llama119m", "openwebtext_llama229m"]
     check_speedups(md, trials, curves, tasks)
     # the published table puts our ratio beside the paper's in the IRE row
-    row = report_table(md, "Published table: ours (published)")["AdamW-IRE: speed-up over AdamW (x)"]
+    row = report_table(md, "Published table: best single search trial, one seed (published)")[
+        "AdamW-IRE: speed-up over AdamW (x)"]
     for text, pub in zip(row, (2.1, 2.3, 2.1)):
         assert re.fullmatch(rf"(\d+(\.\d+)?|-) \({pub:g}\)", text), text
 
@@ -179,12 +198,13 @@ def test_ire_llama(tmp_path_factory):
 def test_cpr_gpt2(tmp_path_factory):
     sdir, trials, curves = run_smoke_study(tmp_path_factory, "cpr_gpt2")
     md = check_common("cpr_gpt2", sdir, trials, curves)
+    trials = search(trials)
     assert trials["final/val/perplexity"].to_numpy() == pytest.approx(trials["final/val/loss"].map(math.exp))
     cpr = trials.set_index("cell")
     assert cpr.loc["adamcpr_warm_start", "config/kappa_init_method"] == "warm_start"
     assert cpr.loc["adamcpr_warm_start", "config/kappa_init_param"] == 12  # the smoke scale's override
     assert cpr.loc["adamcpr_inflection_point", "config/reg_step_size"] == 1
-    table = report_table(md, "Best configuration per cell")
+    table = report_table(md, "Best configuration per cell (search, one seed)")
     col = table["cell"].index("val/perplexity")
     for cell, row in cpr.iterrows():
         assert table[cell][col] == f"{row['final/val/perplexity']:.4g}"

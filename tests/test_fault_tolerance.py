@@ -1,7 +1,7 @@
 """Fault tolerance on real Ray, Optuna and MLflow: a trial whose process dies is retried from its checkpoint and
-ends exactly where an uninterrupted run ends; a driver killed (SIGKILL) and then interrupted (SIGINT) mid-study
-resumes with every trial once in Parquet and MLflow; bad storage or data fails fast; checkpoints never unpickle
-code; one driver per study directory."""
+ends exactly where an uninterrupted run ends; a driver killed (SIGKILL) and then interrupted (SIGINT) mid-search,
+and killed again mid-confirm, resumes with every trial once in Parquet and MLflow; bad storage or data fails fast;
+checkpoints never unpickle code; one driver per study directory."""
 
 from __future__ import annotations
 
@@ -130,12 +130,14 @@ def _trial_dirs(exp_dir: Path) -> list[Path]:
 
 
 def test_driver_sigkill_then_sigint_then_resume(tmp_path):
-    """Three runs of one command. The study's three cells run in one Tune experiment (stage1), one trial at a
+    """Four runs of one command. The study's three cells run in one Tune experiment (stage1), one trial at a
     time, round-robin over the cells: the first three trials are each the first of their cell, alone at their
-    ASHA rung (grace 100 of 300 steps), so they are never stopped and run to step 300."""
+    ASHA rung (grace 100 of 300 steps), so they are never stopped and run to step 300. Then the confirm stage
+    (stage_confirm: each cell's best config with 2 fresh seeds) is killed mid-trial and resumed."""
     storage = tmp_path / "results"
     sdir = storage / "cpr_grokking-smoke"
     stage = sdir / "tune" / "stage1"
+    confirm = sdir / "tune" / "stage_confirm"
     args = ["run", "cpr_grokking", "--scale", "smoke", "--storage", str(storage),
             "--num-samples", "2", "--max-concurrent", "1"]
 
@@ -174,20 +176,47 @@ def test_driver_sigkill_then_sigint_then_resume(tmp_path):
     finished = {t.name: (t / "result.json").read_bytes() for t in _trial_dirs(stage) if 300 in _steps(t)}
     assert len(finished) >= 3
 
-    # 3. the same command again: the experiment is restored and the study ends
+    # 3. the same command again: the experiment is restored and the search ends; the confirm stage starts.
+    #    SIGKILL when a confirm trial is done and the next is past step 150 (Tune has a restorable state)
+    def confirm_steps() -> list[list[int]]:
+        return [_steps(t) for t in _trial_dirs(confirm)]
+
     third = Driver(args, tmp_path / "run3.log")
-    assert third.wait(300) == 0, third.output()[-3000:]
+    _wait_for(lambda: any(300 in s for s in confirm_steps()) and any(150 <= max(s, default=0) < 300
+                                                                     for s in confirm_steps()),
+              300, "a finished confirm trial and a running second", third)
+    third.proc.send_signal(signal.SIGKILL)
+    third.proc.wait()
     assert "[stage1] resuming the interrupted experiment" in third.output()
+    assert (stage / "stage_done.json").exists() and not (confirm / "stage_done.json").exists()
     for name, before in finished.items():  # a trial finished before the interruption did not run again
         assert (stage / name / "result.json").read_bytes() == before, name
+    confirmed = {t.name: (t / "result.json").read_bytes() for t in _trial_dirs(confirm) if 300 in _steps(t)}
+
+    # 4. the same command again: the search is skipped, the confirm stage is restored, the study ends
+    fourth = Driver(args, tmp_path / "run4.log")
+    assert fourth.wait(300) == 0, fourth.output()[-3000:]
+    out4 = fourth.output()
+    assert "[stage1] already finished, skipping" in out4
+    assert "[stage_confirm] resuming the interrupted experiment" in out4
+    for name, before in confirmed.items():  # a finished confirm trial did not run again
+        assert (confirm / name / "result.json").read_bytes() == before, name
 
     trials = pd.read_parquet(sdir / "trials.parquet")
-    assert trials["trial_id"].is_unique and len(trials) == 6
-    assert (trials.groupby("cell").size() == 2).all()
+    search, conf = trials[trials["phase"] == "search"], trials[trials["phase"] == "confirm"]
+    assert trials["trial_id"].is_unique and len(search) == 6 and len(conf) == 6
+    assert (search.groupby("cell").size() == 2).all()
     assert set(trials["status"]) <= {"completed", "stopped"}
+    # confirm: each cell's best full-budget search trial, 2 fresh seeds, full budget, once each
+    assert (conf.groupby("cell")["config/seed"].nunique() == 2).all() and conf["cell"].nunique() == 3
+    assert not set(conf["config/seed"]) & set(search["config/seed"])
+    assert not conf.duplicated(["cell", "confirms", "config/seed"]).any()
+    assert (conf["status"] == "completed").all() and (conf["steps"] == 300).all()
+    full = search[search["full_budget"]].set_index("trial_id")["cell"]
+    assert all(full[t] == c for t, c in zip(conf["confirms"], conf["cell"]))
     curves = pd.read_parquet(sdir / "curves.parquet")
     assert not curves.duplicated(["trial_id", "step"]).any()
-    owned = {t.name for t in _trial_dirs(stage)}
+    owned = {t.name for t in _trial_dirs(stage) + _trial_dirs(confirm)}
     assert owned == {f"{c}_{t}" for c, t in zip(trials["cell"], trials["trial_id"])}
 
     from mlflow.entities import ViewType
@@ -197,6 +226,8 @@ def test_driver_sigkill_then_sigint_then_resume(tmp_path):
     parents, children = mlflow_runs(uri, "regtune/cpr_grokking")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])  # once each
+    assert sorted(c.data.tags["trial_id"] for c in children if c.data.tags["phase"] == "confirm") == \
+        sorted(conf["trial_id"])
     assert {c.info.status for c in children} == {"FINISHED"}
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("regtune/cpr_grokking")

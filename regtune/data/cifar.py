@@ -327,15 +327,18 @@ class CifarData:
 
     ``train``: the first ``n_train`` training images; ``val``: the last
     ``n_val``; ``test``: the official test set (its first ``n_test`` when given).
+    ``full_train``: ``train`` is the whole training set (``val`` then lies inside it).
     """
 
     def __init__(self, kind: str, *, data_dir: str | None, n_train: int, n_val: int,
                  n_test: int | None, device: torch.device, seed: int, augment: bool = True,
-                 padding_mode: str = "zeros"):
+                 padding_mode: str = "zeros", full_train: bool = False):
         spec = _spec(kind)
         raw = load_cifar(kind, data_dir)
         total = raw["train_x"].shape[0]
-        if n_train + n_val > total:
+        if full_train:  # every training image trains (the papers' protocol); val = the last n_val of them
+            n_train, n_val = total, min(n_val, total)
+        elif n_train + n_val > total:
             raise ConfigError(
                 f"n_train={n_train} + n_val={n_val} is not allowed: the {kind} training set at"
                 f" {str(resolve_data_dir(data_dir))!r} has only {total} images")
