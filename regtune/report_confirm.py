@@ -125,8 +125,9 @@ def published_metrics(r: pd.Series) -> list[tuple[str, float | None, str, float 
 
 
 def _speedups(trials: pd.DataFrame, curves: pd.DataFrame) -> pd.Series:
-    """Each confirm row's speed-up over its ``speedup_baseline`` cell's confirm run with the same seed."""
-    from regtune.report_speedup import SPEEDUP_METRIC, _curve, speedup
+    """Each confirm row's speed-up over its ``speedup_baseline`` cell's confirm run with the same seed, measured
+    as the cell's search is (its ``speedup_metric`` and ``speedup_mode``, ``regtune.report_speedup``)."""
+    from regtune.report_speedup import MODES, SPEEDUP_METRIC, _curve, _text, baseline_speedup, speedup
 
     conf = confirm_rows(trials)
     out = pd.Series(math.nan, index=conf.index, dtype=float)
@@ -139,9 +140,10 @@ def _speedups(trials: pd.DataFrame, curves: pd.DataFrame) -> pd.Series:
         base = conf[(conf["cell"] == base_cell) & (conf["config/seed"] == r["config/seed"])]
         if base.empty:
             continue
-        base_curve, curve = _curve(curves, base.iloc[0], SPEEDUP_METRIC), _curve(curves, r, SPEEDUP_METRIC)
+        metric, mode = _text(r, "speedup_metric", SPEEDUP_METRIC), _text(r, "speedup_mode", MODES[0])
+        base_curve, curve = _curve(curves, base.iloc[0], metric), _curve(curves, r, metric)
         if base_curve and curve:
-            s = speedup(base_curve, curve)
+            s = baseline_speedup(base_curve, curve) if mode == MODES[1] else speedup(base_curve, curve)
             out[i] = s.ratio if s.ratio is not None else math.nan
     return out
 
@@ -218,6 +220,7 @@ def published_text(e: dict[str, Any]) -> str:
 
 def pivot(entries: list[dict[str, Any]]) -> str:
     """The published table's shape: 'mean ± std (n=..) vs published: verdict' per cell (its top config)."""
+    from regtune.report import _metric_label  # the same row labels as the search table's
     top = [e for e in entries if e["rank"] == 1 and e["row"]]
     if not top:
         return ""
@@ -227,7 +230,7 @@ def pivot(entries: list[dict[str, Any]]) -> str:
     for row in rows:
         metrics = list(dict.fromkeys(e["metric"] for e in top if e["row"] == row))
         for metric in metrics:
-            label = f"{row} ({'best' if metric.endswith('_best') else 'final'})" if multi[row] else row
+            label = f"{row} ({_metric_label(metric)})" if multi[row] else row
             out = [label]
             for col in cols:
                 hit = [e for e in top if e["row"] == row and e["col"] == col and e["metric"] == metric]
