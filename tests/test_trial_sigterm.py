@@ -2,8 +2,9 @@
 
 Ray's workers turn SIGTERM into ``sys.exit(1)``; landing in a ``__del__`` that ``SystemExit`` is printed as
 "Exception ignored in: ... SystemExit: 1" and the worker lives on. Two real Ray actors get SIGTERM from inside
-a finalizer: one with Ray's handler only (the symptom, so this test can fail), one after importing
-``trainables`` (the trial processes' handler)."""
+a finalizer: one with Ray's handler only (the symptom, so this test can fail), then after importing
+``trainables`` (the trial processes' handler): once inside a ``__del__``, once inside a weakref callback (a
+finalizer with no ``__del__`` on the stack, e.g. ``WeakSet._remove``)."""
 
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import textwrap
 from tests.conftest import ROOT, cli_env
 
 SCRIPT = textwrap.dedent('''
-    import os, signal, sys, time
+    import os, signal, sys, time, weakref
     import ray
 
     ray.init(include_dashboard=False, num_cpus=2, log_to_driver=True)
@@ -23,28 +24,37 @@ SCRIPT = textwrap.dedent('''
             if quiet:
                 import trainables  # noqa: F401 - installs the handler, as in every trial process
 
-        def run(self):
+        def run(self, where):
+            def finalize(*_):  # SIGTERM arrives while a finalizer runs
+                os.kill(os.getpid(), signal.SIGTERM)
+                t = time.perf_counter()
+                while time.perf_counter() - t < 0.5:
+                    pass
+
             class Resource:
-                def __del__(self):  # SIGTERM arrives while a finalizer runs
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    t = time.perf_counter()
-                    while time.perf_counter() - t < 0.5:
-                        pass
-            Resource()
+                def __del__(self):
+                    finalize()
+
+            if where == "del":
+                Resource()
+            else:
+                obj = Resource.__new__(type("Plain", (), {}))
+                ref = weakref.ref(obj, finalize)  # noqa: F841 - its callback runs when obj goes
+                del obj
             time.sleep(60)
 
-    for quiet in (False, True):
+    for quiet, where in ((False, "del"), (True, "del"), (True, "weakref")):
         trial = Trial.remote(quiet)
         t = time.monotonic()
         try:
-            ray.get(trial.run.remote(), timeout=20)
+            ray.get(trial.run.remote(where), timeout=20)
         except ray.exceptions.GetTimeoutError:
-            print(f"RESULT quiet={quiet} alive", flush=True)
+            print(f"RESULT quiet={quiet} {where} alive", flush=True)
             ray.kill(trial)
         except ray.exceptions.RayActorError:
-            print(f"RESULT quiet={quiet} exited", flush=True)
+            print(f"RESULT quiet={quiet} {where} exited", flush=True)
         time.sleep(2)  # let the workers' output reach this driver
-        print(f"END quiet={quiet}", flush=True)
+        print(f"END quiet={quiet} {where}", flush=True)
     ray.shutdown()
 ''')
 
@@ -54,10 +64,12 @@ def test_sigterm_inside_a_finalizer_ends_a_trial_process_quietly():
                           stderr=subprocess.STDOUT, text=True, timeout=300)  # one stream, in the order written
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:]
-    ray_part, quiet_part = out.split("END quiet=False", 1)
+    ray_part, rest = out.split("END quiet=False del", 1)
     # Ray's own handler: the traceback and a worker that does not exit (the symptom)
     assert "Exception ignored" in ray_part and "SystemExit: 1" in ray_part, ray_part[-3000:]
-    assert "RESULT quiet=False alive" in ray_part
-    # the trial processes' handler: the worker exits, nothing printed
-    assert "RESULT quiet=True exited" in quiet_part, quiet_part[-3000:]
-    assert "Exception ignored" not in quiet_part and "Traceback" not in quiet_part, quiet_part[-3000:]
+    assert "RESULT quiet=False del alive" in ray_part
+    # the trial processes' handler: the worker exits, nothing printed, in a __del__ and in a weakref callback
+    del_part, weakref_part = rest.split("END quiet=True del", 1)
+    for where, part in (("del", del_part), ("weakref", weakref_part)):
+        assert f"RESULT quiet=True {where} exited" in part, part[-3000:]
+        assert "Exception ignored" not in part and "Traceback" not in part, part[-3000:]

@@ -28,10 +28,13 @@ def sigterm_outside_finalizers() -> bool:
     worker runs a finalizer (a ``__del__`` of a tensor, a temporary checkpoint directory, an object ref), the
     ``SystemExit`` cannot propagate: Python prints ``Exception ignored in: ... SystemExit: 1`` with a traceback
     and the process lives on until it is killed. This handler hands the signal to Ray's handler when no
-    ``__del__`` is on the stack, and otherwise sends it again 50 ms later. Returns whether it was installed
-    (only in a Ray worker's main thread)."""
+    ``__del__`` is on the stack, and otherwise sends it again 50 ms later. Finalizers that are not a ``__del__``
+    (a weakref callback, e.g. ``WeakSet._remove``) are caught where Python reports them: the unraisable hook
+    swallows a ``SystemExit`` of this SIGTERM and sends the signal again 50 ms later. Returns whether it was
+    installed (only in a Ray worker's main thread)."""
     import os
     import signal
+    import sys
     import threading
 
     try:
@@ -45,15 +48,29 @@ def sigterm_outside_finalizers() -> bool:
     if not callable(ray_handler) or getattr(ray_handler, "_regtune", False):
         return False
 
+    delivered = {"sigterm": False}
+    previous_hook = sys.unraisablehook
+
+    def again() -> None:
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
     def handler(signum, frame) -> None:
         f = frame
         while f is not None:
             if f.f_code.co_name == "__del__":
-                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+                again()
                 return
             f = f.f_back
+        delivered["sigterm"] = True
         ray_handler(signum, frame)
+
+    def unraisable(info) -> None:  # the SystemExit landed in a finalizer after all: exit a moment later
+        if delivered["sigterm"] and isinstance(info.exc_value, SystemExit):
+            again()
+            return
+        previous_hook(info)
 
     handler._regtune = True
     signal.signal(signal.SIGTERM, handler)
+    sys.unraisablehook = unraisable
     return True
