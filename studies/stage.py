@@ -137,6 +137,15 @@ class CellScheduler(FIFOScheduler):
             for p in plans
         }
 
+    def __getstate__(self) -> dict:  # Tune pickles the scheduler with the experiment: the log function stays out
+        state = self.__dict__.copy()  # (print may be wrapped by then: "not the same object as builtins.print")
+        state.pop("_log", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._log = print
+
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True  # each cell's ASHA has its own metric and mode
 

@@ -42,7 +42,8 @@ def study_run(tmp_path_factory):
     )
     lines: list[str] = []
     try:
-        sdir = run_study(study, "smoke", storage=str(tmp / "results"), log=lines.append)
+        sdir = run_study(study, "smoke", storage=str(tmp / "results"), confirm_seeds=0,  # the search only
+                         log=lines.append)
     finally:
         ray.shutdown()
     return sdir, lines
