@@ -15,6 +15,11 @@ The report's speed-up section: the step at which the best AdamW-IRE trial
 reaches the best AdamW trial's final validation loss, and the ratio; the
 published table puts that ratio beside the paper's.
 
+Paper scale: each trial is a data-parallel Ray Train job of 2 workers, one GPU
+each, as the seed README's ``torchrun --nproc_per_node=2`` commands; the global
+batch stays the paper's (240 / 300 / 480 sequences; ``accum_steps`` splits each
+worker's half into chunks).
+
 Where we knowingly differ: both cells of a task run the same T-step schedule,
 so our ratio compares against AdamW's T-step loss, not its 2T-step loss (no
 cell runs AdamW for 2T steps). Weight decay is fixed (0.1), not searched.
@@ -30,6 +35,7 @@ TASKS = {  # task -> (column, published speed-up, IRE prog of the seed command, 
     "minipile_llama119m": ("LLaMA-119M, minipile", 2.3, 4.0, 300),
     "openwebtext_llama229m": ("LLaMA-229M, OpenWebText", 2.1, 4.0, 480),
 }
+PAPER_GPUS = 2  # the seed README's commands: torchrun --nproc_per_node=2 for all three models
 SOURCE = "IRE paper LLaMA figures: AdamW-IRE at T steps ~ AdamW at 2T (speed-up, x)"
 ADAMW = {"lr": ADAM_LR, "weight_decay": 0.1}
 BASE_ROW = "AdamW: final val loss"
@@ -56,9 +62,10 @@ STUDY = Study(
     paper=f"{IRE_PAPER}, LLaMA pre-training figures",
     cells=CELLS,
     scales={
-        "paper": Scale(num_samples=4, fixed={"size": "paper"},
-                       doc="the paper's budgets (50k / 30k / 50k steps, context 1024), 4 trials a cell, a whole GPU "
-                           "each; tokens made once with `python -m studies prepare CORPUS`"),
+        "paper": Scale(num_samples=4, fixed={"size": "paper", "workers": PAPER_GPUS},
+                       doc="the paper's budgets (50k / 30k / 50k steps, context 1024), 4 trials a cell, each a Ray "
+                           "Train job on 2 GPUs as the paper's torchrun commands; tokens made once with "
+                           "`python -m studies prepare CORPUS`"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": 60, "eval_every": 12}, grace_fraction=1 / 2,
                        doc="CI-sized: generated text, a local BPE of 512 tokens, 2-layer LLaMA of width 32, 60 steps"),
     },

@@ -1,0 +1,88 @@
+"""A study whose trials are Ray Train jobs of 2 data-parallel workers (gloo on CPU), end to end on local Ray:
+ASHA, Optuna, MLflow and the Parquet export as for any study, and a driver killed (SIGKILL) mid-trial resumes
+with every worker restored from rank 0's checkpoint.
+
+Cost: 3 trials of 40 steps, each a Ray Train job (its worker group takes ~20-60 s to start on 2 busy cores), in
+two driver runs: a few minutes. The curves are checked against the same configs trained in this process
+(one process, same global batch): equal to float32 round-off, also across the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from regtune.loop import Run
+from tests.conftest import mlflow_runs
+from tests.test_fault_tolerance import Driver, _rows, _wait_for
+
+ARGS = ["--scale", "smoke", "--num-samples", "1", "--set", "workers=2", "--set", "steps=40", "--set", "eval_every=20"]
+
+
+def _snapshot_step(train_dir: Path) -> int:
+    """Step of the latest checkpoint Ray Train has recorded for a trial's Train run (0: none yet)."""
+    for snap in train_dir.glob("train_*/checkpoint_manager_snapshot.json"):
+        try:
+            return int(json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"]["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # being written
+            return 0
+    return 0
+
+
+def test_two_worker_study_runs_and_resumes_after_driver_kill(tmp_path):
+    storage = tmp_path / "results"
+    sdir = storage / "cpr_grokking-smoke"
+    stage = sdir / "tune" / "stage1"
+    args = ["run", "cpr_grokking", "--storage", str(storage), *ARGS]
+
+    def trial_dirs() -> list[Path]:
+        return sorted(p.parent for p in stage.glob("*/params.json"))
+
+    def saved_by_tune(trial: Path) -> bool:  # Tune's experiment state knows the trial (a restore continues it)
+        return any(trial.name.rsplit("_", 1)[1] in f.read_text(errors="replace")
+                   for f in stage.glob("experiment_state-*.json"))
+
+    # 1. SIGKILL the driver once a trial's Train run has checkpointed step 20 of 40 (mid-trial)
+    first = Driver(args, tmp_path / "run1.log")
+    _wait_for(lambda: any(_snapshot_step(t) == 20 and saved_by_tune(t) for t in trial_dirs()), 600,
+              "a checkpoint at step 20", first)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    out1 = first.output()
+    assert "Ray Train run" in out1 and "2 workers" in out1
+
+    # 2. the same command: the experiment is restored, the interrupted trial's workers resume from step 20
+    second = Driver(args, tmp_path / "run2.log")
+    assert second.wait(900) == 0, second.output()[-3000:]
+    out2 = second.output()
+    assert "[stage1] resuming the interrupted experiment" in out2
+    assert "resumed at step 20 on 2 workers" in out2, out2[-3000:]
+
+    trials = pd.read_parquet(sdir / "trials.parquet")
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert sorted(trials["cell"]) == ["adam_rescale", "adamcpr", "adamw"]
+    assert set(trials["status"]) == {"completed"} and (trials["config/workers"] == 2).all()
+    curves = pd.read_parquet(sdir / "curves.parquet")
+    assert not curves.duplicated(["trial_id", "step"]).any()
+    assert sorted(curves.groupby("trial_id")["step"].apply(tuple)) == [(20, 40)] * 3
+
+    # the 2-worker trials (one of them killed and resumed) follow one process with the same global batch
+    torch.set_num_threads(1)
+    for tdir in trial_dirs():
+        params = json.loads((tdir / "params.json").read_text())
+        config = {k: v for k, v in params.items() if not k.startswith("__")}
+        rows = {int(r["step"]): r for r in _rows(tdir / "result.json")}
+        for report in Run(params["__method"], {**config, "workers": 1}).reports():
+            got = rows[report["step"]]
+            for key in ("train/loss", "val/loss", "val/accuracy"):
+                assert abs(got[key] - report[key]) <= 1e-5 * max(1.0, abs(report[key])), (tdir.name, key)
+
+    uri = f"sqlite:///{sdir / 'mlflow.db'}"
+    parents, children = mlflow_runs(uri, "regtune/cpr_grokking")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(trials["trial_id"])  # once each
+    assert {c.info.status for c in children} == {"FINISHED"}
