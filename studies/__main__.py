@@ -1,4 +1,4 @@
-"""Command line: ``python -m studies list | run NAME | report NAME | mlflow | methods | tasks``
+"""Command line: ``python -m studies list | run NAME | report NAME | estimate NAME | mlflow | methods | tasks``
 (and ``prepare CORPUS``: tokenize a text corpus once, ``regtune.data.text.prepare_main``).
 
 Bad input (unknown study, method, task or scale, a misspelled hyperparameter,
@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--scale", default=None, help="with --study: this scale only")
     m.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     m.add_argument("--port", type=int, default=5000, help="port of the first server (default: 5000)")
+    from studies.estimate import add_parser as add_estimate
+
+    add_estimate(sub)  # python -m studies estimate NAME: the study's cost from a short calibration
     t = sub.add_parser("trial", help="train one config in this process, without Ray (for debugging a method)")
     t.add_argument("method")
     t.add_argument("--task", required=True)
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         scale = args.scale or study.default_scale
         overrides = parse_overrides(getattr(args, "overrides", []))
         check_study(study, scale, overrides)
+        if args.command == "estimate":
+            from studies.estimate import main as estimate_main
+
+            return estimate_main(args, study, scale, overrides)
         if args.command == "report":
             sdir = study_dir(args.storage, study, scale)
             for path in make_report(study, scale, sdir):
