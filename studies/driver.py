@@ -268,7 +268,10 @@ def run_stage(
             tune_config=tune.TuneConfig(
                 scheduler=CellScheduler(plans), search_alg=CellSearch(plans),
                 num_samples=total, max_concurrent_trials=max_concurrent,
-                trial_dirname_creator=_trial_dirname, reuse_actors=True,  # no new process per trial
+                trial_dirname_creator=_trial_dirname,
+                # no new process per trial; but not for Ray Train trials (train_dp): their fit() can outlive the
+                # last report by Tune's 2 s reset window, which then fails the next trial
+                reuse_actors=not any(p.fixed.get("__workers") for p in plans),
             ),
             run_config=tune.RunConfig(
                 name=name,
