@@ -26,6 +26,13 @@ Resources: the Tune trial itself asks for ~0 CPU (the driver's ``_resources``);
 the workers' placement group asks for ``__workers`` = {"num", "cpu", "gpu"} per
 worker, outside Tune's accounting, so the driver bounds the number of
 concurrent trials to what the cluster can place (``studies.scaleout``).
+
+Known issue (seen on a 2-core host shared by several local Ray instances): a
+trial's worker group sometimes cannot start because the previous trial's
+placement group was not released yet (Ray Train's PlacementGroupCleaner could
+not reach Ray's state API there); the start-up then times out (60 s) and, after
+``CONTROLLER_FAILURES`` tries, the trial fails and Tune retries it. Stages with
+multi-worker trials do not reuse trial processes (``studies.driver.run_stage``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from ray import tune
 
 WORKERS_KEY = "__workers"  # {"num": N, "cpu": c, "gpu": g} per worker, set by the study driver
 TIMEOUT_S = int(os.environ.get("REGTUNE_DP_TIMEOUT_S", "600"))  # a hung collective fails after this long
+CONTROLLER_FAILURES = 3  # worker-group start-up failures (60 s each) before the trial fails
 
 
 def worker_spec(config: Mapping[str, Any]) -> dict[str, float]:
@@ -88,7 +96,9 @@ def run_trial_dp(method: str, config: Mapping[str, Any]) -> None:
             name=name,
             storage_path=storage,  # the trial's directory in the experiment's storage
             callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=0),  # Tune retries the trial; Train resumes it
+            # Tune retries the trial and Train resumes it; a worker group that cannot start (its resources are
+            # not free) fails the trial after a few tries instead of Train retrying forever
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=CONTROLLER_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
