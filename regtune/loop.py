@@ -6,6 +6,16 @@ report every ``eval_every`` steps (and at the last step). ``state_dict`` /
 ``load_state_dict`` capture everything needed to continue a run bit-for-bit:
 model, optimizer, schedule, step, RNG states and the best-validation snapshot.
 
+Data parallel (``regtune.distributed``): ``Run(..., dp=DataParallel.from_torch())``
+in every worker of a process group. Every worker builds the same task, model
+and optimizer from the config, takes rank 0's parameters, and steps on its share
+of each global batch (the step functions all-reduce); buffers follow rank 0
+after every step. Only rank 0 evaluates (the other ranks' reports carry the
+training metrics only); rank 0's ``state_dict`` restores every worker. The
+global torch RNG (dropout) of rank r is reseeded from (seed, rank, step) at the
+start of each report interval, so dropout differs between shards and a resumed
+run repeats itself.
+
 A non-finite training loss ends the run with a finite sentinel report
 (``diverged = 1``, the task metric at its worst) so schedulers that compare
 numbers (ASHA) can stop it.
@@ -22,7 +32,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from regtune.distributed import LOCAL, DataParallel
 from regtune.methods import get_method, resolve_config
+from regtune.space import ConfigError
 from regtune.step import StepContext
 from regtune.tasks.base import get_task
 
@@ -69,9 +81,15 @@ def _set_numpy_state(s: Mapping[str, Any]) -> None:
 
 
 class Run:
-    def __init__(self, method: str, config: Mapping[str, Any], *, log=None):
+    def __init__(self, method: str, config: Mapping[str, Any], *, log=None, dp: DataParallel = LOCAL):
         self.method_name = method
         self.config = resolve_config(method, config)
+        self.dp = dp
+        if self.config["workers"] != dp.world_size:
+            raise ConfigError(
+                f"workers={self.config['workers']!r} is not allowed here: this process group has {dp.world_size}"
+                " worker(s); a trial of several workers runs through Ray Train (`python -m studies run`,"
+                " trainables.train_dp) or torch.distributed with regtune.distributed.DataParallel")
         self.method = get_method(method)
         self.task_def = get_task(self.config["task"])
         self.log = log or (lambda msg: None)
@@ -84,7 +102,8 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.config))
         self.generator = torch.Generator().manual_seed(self.config["seed"] + 7919)
         self.ctx = StepContext(self.model, self.optimizer, self.task, self.config, self.device,
-                               generator=self.generator)
+                               generator=self.generator, dp=dp)
+        dp.sync_model(self.model)  # identical seeds build identical models; rank 0's wins regardless
         self.step = 0
         self.best: dict[str, Any] = {"value": None, "step": None, "state": None}
         self.diverged = False
@@ -115,9 +134,13 @@ class Run:
         done = 0
         t0 = time.perf_counter()
         self.model.train()
+        if self.dp.active:  # per-worker dropout stream, a function of (seed, rank, step): resumes repeat it
+            torch.manual_seed(self.config["seed"] * 1_000_003 + self.dp.rank * 7919 + self.step)
         for _ in range(n):
             self.ctx.step = self.step
             metrics = self.method.step(self.ctx, self.task.train_batch(self.step))
+            if self.dp.active:
+                self.dp.sync_buffers(self.model)
             self.scheduler.step()
             self.step += 1
             done += 1
@@ -131,6 +154,8 @@ class Run:
         return {k: v / counts[k] for k, v in sums.items()}
 
     def evaluate(self) -> dict[str, float]:
+        if self.dp.rank != 0:  # only rank 0 evaluates and reports
+            return {}
         out = self.task.evaluate(self.model, "val")
         if getattr(self.task, "test_every_eval", False):  # e.g. IRE Table 1: the best test accuracy over epochs
             out.update(self.task.evaluate(self.model, "test"))
@@ -148,8 +173,8 @@ class Run:
 
     def final_test(self, *, last: bool = True) -> dict[str, float]:
         """Test metrics of the last model (``last``: unless ``evaluate`` just scored it) and of the
-        best-validation snapshot."""
-        if "test" not in self.task_def.splits:
+        best-validation snapshot (rank 0 only under data parallelism)."""
+        if "test" not in self.task_def.splits or self.dp.rank != 0:
             return {}
         out = self.task.evaluate(self.model, "test") if last else {}
         if self.best["state"] is not None:
@@ -173,7 +198,8 @@ class Run:
                     report.update(self.final_test(last="test/accuracy" not in report))
             report["step"] = self.step
             report["lr"] = float(self.scheduler.get_last_lr()[0])
-            report["best/" + self.metric] = self.best["value"] if self.best["value"] is not None else report[self.metric]
+            report["best/" + self.metric] = self.best["value"] if self.best["value"] is not None \
+                else report.get(self.metric, math.nan)
             report["best/step"] = self.best["step"] if self.best["step"] is not None else self.step
             extra = getattr(self.optimizer, "constraint_summary", None)
             if extra is not None and not self.diverged:

@@ -94,6 +94,8 @@ LOOP_HPARAMS: tuple[HParam, ...] = (
     HParam("max_grad_norm", None, "clip the global gradient norm (null: off)", low=0.0, low_open=True, nullable=True),
     HParam("accum_steps", 1, "gradient accumulation: chunks per batch, run one after another", kind=int, low=1),
     HParam("device", "auto", "auto: CUDA when the trial has a GPU, else CPU", kind=str, choices=("auto", "cpu", "cuda")),
+    HParam("workers", 1, "data-parallel workers of one trial (Ray Train; one GPU each on a GPU cluster); the"
+           " global batch is the same for every count", kind=int, low=1),
     HParam("fail_at_step", None, "fault injection: the process dies once past this step", kind=int, low=1, nullable=True),
 )
 

@@ -41,6 +41,14 @@ norm"), ``grad/full_norm`` (|g_B| before any grafting), ``reg/value`` (mean
 R_k; 0 without a penalty) and, for grafting, ``grad/graft_norm`` (the norm of
 the step direction).
 
+Data parallelism (``ctx.dp``, regtune.distributed): the K micro-batches of the
+global batch are split over the workers in contiguous blocks of whole
+micro-batches; each worker sums its micro-batches' gradients (penalty terms
+included), the sums are all-reduced and divided by K, exactly the one-process
+average. Penalty draws are taken in micro-batch order on every worker (a worker
+draws and discards those of the micro-batches it does not own), so they are the
+one-process draws; metrics are reduced over the workers.
+
 Where we knowingly differ from the seed code: for ``fisher_trace``,
 ``avg_jacobian`` and ``unit_jacobian`` the data gradient grad L_k is not a
 by-product of the step, and measuring its norm costs one more backward pass
@@ -61,7 +69,7 @@ from typing import Any
 
 import torch
 
-from regtune.penalties import double_backward_attention, penalty
+from regtune.penalties import double_backward_attention, penalty, skip_draws
 from regtune.step import StepContext, clip_gradients
 
 MICRO_NORM_EVERY = 20  # steps between data-gradient norm measurements for fisher / jacobian penalties
@@ -142,8 +150,8 @@ def microbatch_step(
         raise ValueError(f"unknown transform {transform!r}")
     if penalty_kind is not None and transform is not None:
         raise ValueError("a penalty and a gradient transform are not combined in this paper's methods")
-    inputs, targets = batch
-    model, task, opt = ctx.model, ctx.task, ctx.optimizer
+    inputs, targets = batch  # the global batch: this worker computes the micro-batches it owns
+    model, task, opt, dp = ctx.model, ctx.task, ctx.optimizer, ctx.dp
     m = int(ctx.config["micro_batch_size"])
     n = inputs.shape[0]
     k_count = math.ceil(n / m)
@@ -155,6 +163,7 @@ def microbatch_step(
     data_grad_free = penalty_kind in (None, "grad_norm")
     measure = data_grad_free or ctx.step % micro_norm_every == 0
 
+    own = range(*dp.bounds(k_count)[dp.rank])
     acc = [torch.zeros_like(p) for p in params]
     loss_sum = torch.zeros((), device=inputs.device)  # on the device: no host sync per micro-batch
     correct = torch.zeros((), device=inputs.device)
@@ -165,6 +174,10 @@ def microbatch_step(
     with torch.enable_grad(), (double_backward_attention() if penalty_kind else contextlib.nullcontext()):
         for k in range(k_count):
             x, y = inputs[k * m:(k + 1) * m], targets[k * m:(k + 1) * m]
+            if k not in own:  # another worker's micro-batch: keep the method generator in step
+                if penalty_kind is not None:
+                    skip_draws(penalty_kind, (x.shape[0], task.num_classes), ctx.generator)
+                continue
             logits = task.forward(model, x)
             loss = task.criterion(logits, y)
             if penalty_kind is None:
@@ -200,18 +213,26 @@ def microbatch_step(
             correct += (logits.detach().argmax(-1) == y).sum()
             del logits, loss
 
+    dp.all_sum_(acc)  # the sum over all K micro-batches on every worker (identity in one process)
     torch._foreach_div_(acc, float(k_count))
     full_norm = float(_sq(acc).sqrt())
+    loss_total, correct_total = float(loss_sum), float(correct)
+    micro_total = float(torch.stack(micro_sq).sum()) if micro_sq else 0.0
+    reg_total = float(torch.stack(reg_vals).sum()) if reg_vals else 0.0
+    pick_value = float(pick_sq) if pick_sq is not None else 0.0
+    if dp.active:
+        loss_total, correct_total, micro_total, reg_total, pick_value = dp.sum_floats(
+            [loss_total, correct_total, micro_total, reg_total, pick_value])
     metrics = {
-        "train/loss": float(loss_sum) / k_count,
-        "train/accuracy": float(correct) / max(n, 1),
+        "train/loss": loss_total / k_count,
+        "train/accuracy": correct_total / max(n, 1),
         "grad/full_norm": full_norm,
-        "reg/value": float(torch.stack(reg_vals).mean()) if reg_vals else 0.0,
+        "reg/value": reg_total / k_count if penalty_kind else 0.0,
     }
     if measure:
-        metrics["grad/micro_norm"] = float(torch.stack(micro_sq).mean())
+        metrics["grad/micro_norm"] = micro_total / k_count
     if transform is not None:
-        target = {"iter_graft": float(pick_sq.sqrt()) if pick_sq is not None else 0.0,
+        target = {"iter_graft": pick_value ** 0.5,
                   "exter_graft": ref, "ngd": 1.0}[transform]
         scale = target / full_norm if full_norm > 0 else 0.0
         torch._foreach_mul_(acc, scale)

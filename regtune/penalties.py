@@ -96,6 +96,22 @@ def penalty_target(
     raise ValueError(f"unknown penalty {kind!r}; known: {', '.join(PENALTIES)}")
 
 
+def skip_draws(kind: str, logits_shape: tuple[int, ...], generator: torch.Generator | None) -> None:
+    """Advance ``generator`` exactly as ``penalty_target(kind, ...)`` on logits of ``logits_shape`` would.
+
+    Data-parallel micro-batch steps (regtune.microbatch) call it for the micro-batches another worker
+    computes, so every worker's generator, and the draws of the micro-batches it owns, are the one-process ones.
+    """
+    if generator is None:
+        return
+    if kind == "fisher_trace":
+        torch.rand(logits_shape, generator=generator, dtype=torch.float64)  # sample_labels' uniforms
+    elif kind == "unit_jacobian":
+        torch.randn(logits_shape[-1], generator=generator, dtype=torch.float64)  # unit_direction's Gaussian
+    elif kind not in PENALTIES:
+        raise ValueError(f"unknown penalty {kind!r}; known: {', '.join(PENALTIES)}")
+
+
 def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """sum_i ||t_i||^2 as a 0-d tensor; differentiable when the inputs are."""
     return sum(t.pow(2).sum() for t in tensors)

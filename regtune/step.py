@@ -12,6 +12,12 @@ Optimizer hooks the standard step honours:
 * ``optimizer.needs_closure``: pass a closure that recomputes loss and grads.
 * ``optimizer.pre_step(ctx, batch)``: called before the gradient is computed
   (IRE refreshes its mask there).
+
+Data parallelism (``regtune.distributed``): ``ctx.dp`` says which share of the
+*global* batch this process computes; a step function receives the global batch,
+takes its share, and all-reduces the gradient where it is complete (the standard
+step: after the backward, in both SAM passes, before clipping and norms). In one
+process ``ctx.dp`` is ``LOCAL`` and every collective is the identity.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from regtune.distributed import LOCAL, DataParallel, sync_gradients
 from regtune.tasks.base import TaskInstance, accuracy
 
 
@@ -35,6 +42,7 @@ class StepContext:
     step: int = 0  # 0-based index of the step being taken
     generator: torch.Generator | None = None  # method randomness (sampled labels ...)
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific inputs
+    dp: DataParallel = LOCAL  # data-parallel rank / world size (regtune.distributed)
 
 
 StepFn = Callable[[StepContext, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]
@@ -75,24 +83,28 @@ def forward_backward(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tens
 
 
 def standard_step(ctx: StepContext, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    inputs, targets = batch
-    opt = ctx.optimizer
+    opt, dp = ctx.optimizer, ctx.dp
     pre_step = getattr(opt, "pre_step", None)
     if pre_step is not None:
-        pre_step(ctx, batch)
+        pre_step(ctx, batch)  # the global batch (IRE shards its mask pass itself)
+    inputs, targets, weight = dp.shard(*batch)
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         loss, _ = forward_backward(ctx, inputs, targets)
+        sync_gradients(dp, ctx.model, weight)  # SAM's second pass: the all-reduced gradient at w + e
         clip_gradients(ctx)
         return torch.tensor(loss)
 
     opt.zero_grad(set_to_none=True)
     loss, acc = forward_backward(ctx, inputs, targets)
+    sync_gradients(dp, ctx.model, weight)
     full_norm = global_grad_norm(ctx.model)  # before clipping; exter_graft's reference reads it from sgd runs
     clip_gradients(ctx)
     if getattr(opt, "needs_closure", False):
         opt.step(closure)
     else:
         opt.step()
+    if dp.active:
+        loss, acc = dp.sum_floats([loss * weight, acc * weight])
     return {"train/loss": loss, "train/accuracy": acc, "grad/full_norm": full_norm}

@@ -1,5 +1,5 @@
-"""Command line: ``python -m studies list | run NAME | report NAME | mlflow | sync-mlflow NAME | methods | tasks``
-(and ``prepare NAME | --study NAME``: make data sets once, ``studies.prepare``).
+"""Command line: ``python -m studies list | run NAME | report NAME | estimate NAME | mlflow | sync-mlflow NAME |
+methods | tasks`` (and ``prepare NAME | --study NAME``: make data sets once, ``studies.prepare``).
 
 Bad input (unknown study, method, task or scale, a misspelled hyperparameter,
 an out-of-range value) prints one line naming the key, the value and what is
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
                    help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
     y.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite in the study dir)")
+    from studies.estimate import add_parser as add_estimate
+
+    add_estimate(sub)  # python -m studies estimate NAME: the study's cost from a short calibration
     t = sub.add_parser("trial", help="train one config in this process, without Ray (for debugging a method)")
     t.add_argument("method")
     t.add_argument("--task", required=True)
@@ -171,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         scale = args.scale or study.default_scale
         overrides = parse_overrides(getattr(args, "overrides", []))
         check_study(study, scale, overrides)
+        if args.command == "estimate":
+            from studies.estimate import main as estimate_main
+
+            return estimate_main(args, study, scale, overrides)
         if args.command == "report":
             sdir = study_dir(args.storage, study, scale)
             for path in make_report(study, scale, sdir):

@@ -13,6 +13,10 @@ Searched: lr (all cells), weight decay (AdamW), the warm-start step s
 the warmup, as the paper). The smoke scale fixes s = 12 steps (2x its 6-step
 warmup) and samples R every step, so the constraint acts within 60 steps.
 
+Paper scale: each trial is a data-parallel Ray Train job of 8 workers, one GPU
+each (the GPU count of the CPR seed README for GPT-2); the global batch stays
+480 x 1024 tokens (60 sequences a worker, in ``accum_steps`` chunks).
+
 Where we knowingly differ: the paper's lr, batch size and lr floor are not in
 METHODS.md; we use the task's nanoGPT-style defaults (lr 6e-4, 480 x 1024
 tokens a step, cosine to lr/10) as Optuna's first point.
@@ -31,6 +35,7 @@ PAPER = "Franke et al., Constrained Parameter Regularization, NeurIPS 2024 (arXi
 WARMUP = 5000
 RECIPE = {"steps": 200_000, "warmup_steps": WARMUP, "lr_schedule": "warmup_cosine"}
 SMOKE_WARMUP = 6  # the task's smoke preset
+PAPER_GPUS = 8  # the CPR seed README: "for the GPT2 experiments: Ampere, Ada, or Hopper and 8 GPUs"
 
 CELLS = (
     cell(TASK, "adamw", COL, name="adamw", space={"lr": ADAM_LR, "weight_decay": WEIGHT_DECAY},
@@ -57,9 +62,10 @@ STUDY = Study(
     paper=f"{PAPER}, GPT-2 small on OpenWebText",
     cells=CELLS,
     scales={
-        "paper": Scale(num_samples=4, fixed={"size": "paper"},
-                       doc="the paper's budget: 200k steps, 5k warmup, context 1024, 4 trials a cell, a whole GPU "
-                           "each; tokens made once with `python -m studies prepare openwebtext`"),
+        "paper": Scale(num_samples=4, fixed={"size": "paper", "workers": PAPER_GPUS},
+                       doc="the paper's budget: 200k steps, 5k warmup, context 1024, 4 trials a cell, each a Ray "
+                           "Train job on 8 GPUs as the paper; tokens made once with `python -m studies prepare "
+                           "openwebtext`"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": 60, "eval_every": 12}, grace_fraction=1 / 2,
                        space={"adamcpr_warm_start": {"kappa_init_param": 2 * SMOKE_WARMUP},
                               "adamcpr_inflection_point": {"reg_step_size": 1}},

@@ -35,7 +35,7 @@ from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
-from studies import guard, preflight, provenance
+from studies import guard, preflight, provenance, scaleout
 from studies.preflight_services import check_services
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
@@ -187,6 +187,12 @@ def _resources(study: Study, cell: Cell, scale: str) -> dict[str, float]:
     return res
 
 
+def _cluster() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
 def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mapping[str, Any],
               num_samples: int, seed: int, overrides: Mapping[str, Any] | None = None):
     """The cell's part of its stage's experiment: fixed config, Tune domains, points, metric, ASHA budget."""
@@ -200,6 +206,10 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
     fixed["__extras"] = {"study_dir": str(sdir), "cell": cell.name, "needs": list(cell.needs)}
     fixed[trainables.METHOD_KEY] = cell.method
     budget, eval_every = cell_budget(cell, fixed, searched)
+    resources, workers = scaleout.trial_request(_resources(study, cell, scale), int(fixed.get("workers", 1)),
+                                                _cluster())
+    if workers is not None:  # a Ray Train job per trial (trainables.train_dp): the workers' resources
+        fixed["__workers"] = workers
     grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
     # a point keeps its searched keys (a key fixed at this scale or by --set is left out);
     # OptunaSearch needs every searched key in a point
@@ -209,7 +219,7 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
         name=cell.name, fixed=fixed, searched={k: trainables.to_tune(v) for k, v in searched.items()},
         points=points, metric=task.metric, mode=task.mode, seed=seed + study.cells.index(cell),
         num_samples=num_samples, budget=budget, grace=min(grace, budget), reduction_factor=sc.reduction_factor,
-        resources=_resources(study, cell, scale),
+        resources=resources,
     )
 
 
@@ -267,7 +277,10 @@ def run_stage(
             tune_config=tune.TuneConfig(
                 scheduler=scheduler, search_alg=search_alg,
                 num_samples=total, max_concurrent_trials=max_concurrent,
-                trial_dirname_creator=_trial_dirname, reuse_actors=True,  # no new process per trial
+                trial_dirname_creator=_trial_dirname,
+                # no new process per trial; but not for Ray Train trials (train_dp): their fit() can outlive the
+                # last report by Tune's 2 s reset window, which then fails the next trial
+                reuse_actors=not any(p.fixed.get("__workers") for p in plans),
             ),
             run_config=tune.RunConfig(
                 name=name,
@@ -340,11 +353,9 @@ def run_study(
         lock.record(ray_session=guard.ray_session_dir())
     tracker = tracker_ready()
     guard.sigterm_as_sigint()
-    import ray
-
-    cpus = int(ray.cluster_resources().get("CPU", 1))
     n = num_samples or sc.num_samples
-    conc = max_concurrent or sc.max_concurrent or max(1, cpus)
+    conc = max_concurrent or sc.max_concurrent or scaleout.default_concurrency(  # trials x workers fit
+        scaleout.study_footprints(study, scale, overrides, _resources, _cluster()), _cluster())
     n_seeds, n_top = confirm.settings(study, scale, confirm_seeds, confirm_top)
     tracker.log_params({"scale": scale, "num_samples": n, "max_concurrent": conc, "seed": seed,
                         "confirm_seeds": n_seeds, "confirm_top": n_top})

@@ -20,6 +20,11 @@ trial needs to reach the final validation loss of the best AdamW-IRE trial
 and gives the bound (> 2x) instead of a number. The published table puts our
 speed-up beside the paper's; the T-step AdamW cell shows AdamW's own T-step loss.
 
+Paper scale: each trial is a data-parallel Ray Train job of 2 workers, one GPU
+each, as the seed README's ``torchrun --nproc_per_node=2`` commands; the global
+batch stays the paper's (240 / 300 / 480 sequences; ``accum_steps`` splits each
+worker's half into chunks).
+
 Where we knowingly differ: weight decay is fixed (0.1), not searched; the
 warmup length (1000 steps) is ours (not published).
 """
@@ -34,6 +39,7 @@ TASKS = {  # task -> (column, published speed-up, IRE prog of the seed command, 
     "minipile_llama119m": ("LLaMA-119M, minipile", 2.3, 4.0, 300),
     "openwebtext_llama229m": ("LLaMA-229M, OpenWebText", 2.1, 4.0, 480),
 }
+PAPER_GPUS = 2  # the seed README's commands: torchrun --nproc_per_node=2 for all three models
 SOURCE = "IRE paper LLaMA figures: AdamW-IRE at T steps ~ AdamW at 2T (speed-up, x)"
 ADAMW = {"lr": ADAM_LR, "weight_decay": 0.1}
 BASE_ROW = "AdamW: final val loss"
@@ -71,10 +77,10 @@ STUDY = Study(
     paper=f"{IRE_PAPER}, LLaMA pre-training figures",
     cells=CELLS,
     scales={
-        "paper": Scale(num_samples=4, fixed={"size": "paper"},
+        "paper": Scale(num_samples=4, fixed={"size": "paper", "workers": PAPER_GPUS},
                        doc="the paper's budgets T = 50k / 30k / 50k steps (the 2T AdamW cells 100k / 60k / 100k), "
-                           "context 1024, 4 trials a cell, a whole GPU each; tokens made once with "
-                           "`python -m studies prepare CORPUS`"),
+                           "context 1024, 4 trials a cell, each a Ray Train job on 2 GPUs as the paper's torchrun "
+                           "commands; tokens made once with `python -m studies prepare CORPUS`"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": SMOKE_STEPS, "eval_every": 12},
                        space={name_2t(t): {"steps": 2 * SMOKE_STEPS} for t in TASKS}, grace_fraction=1 / 2,
                        doc="CI-sized: generated text, a local BPE of 512 tokens, 2-layer LLaMA of width 32, 60 steps "

@@ -21,7 +21,11 @@ data error is announced before it is raised, so the study does not retry it
 (``trainables.permanent``).
 
 Config keys starting with ``__`` are inputs from the study driver, not
-hyperparameters (``__extras``: method inputs such as reference gradient norms).
+hyperparameters (``__extras``: method inputs such as reference gradient norms;
+``__workers``: per-worker resources of a multi-worker trial).
+
+``workers`` = N > 1 runs the trial as a Ray Train job of N data-parallel
+workers (``trainables.train_dp``); it reports and resumes like any trial.
 """
 
 from __future__ import annotations
@@ -106,6 +110,10 @@ def _maybe_die(run: Run, marker_dir: str) -> None:
 
 
 def run_trial(method: str, config: Mapping[str, Any]) -> None:
+    if int(config.get("workers", 1)) > 1:  # a Ray Train job of several data-parallel workers
+        from trainables.train_dp import run_trial_dp
+
+        return run_trial_dp(method, config)
     try:
         _train(method, config)
     except permanent.PERMANENT as e:  # a config or data error: the study must not retry it (trainables.permanent)

@@ -8,8 +8,9 @@ is the share of coordinates treated as sharp and NOT amplified); K =
 
 Mask refresh (``refresh_mask``; the training loop calls it through
 ``pre_step`` at steps s >= ire_start with (s - ire_start) % K == 0): one extra
-forward on the step's batch, labels y_hat ~ softmax(logits) drawn with
-``torch.multinomial`` from the method generator, g = grad of the mean
+forward on the step's batch, labels y_hat ~ softmax(logits) drawn by inverse
+CDF from one uniform per position (drawn from the method generator for the
+whole batch, so a data-parallel worker uses its rows of the same draws), g = grad of the mean
 cross-entropy CE(logits, y_hat) (no label smoothing; positions whose true
 target is < 0 are ignored), score = g^2 (a diagonal Fisher proxy). One global
 threshold over all trainable parameters: mask = 1 on exactly
@@ -18,6 +19,10 @@ flat directions); ties at the threshold go to the lower flat index (parameter
 order of the base optimizer's groups, then element order; with parameters of
 several dtypes or devices, buffer by buffer). The mask starts all
 zero. BatchNorm running statistics are left exactly as they were by that pass.
+Data parallel (``ctx.dp``, regtune.distributed): each worker runs the mask pass
+on its share of the global batch with its rows of the global draws, the
+gradients are combined into the global batch's mean gradient (all-reduce), and
+every worker thresholds the same scores: one global mask, identical everywhere.
 
 Step: theta_old = theta; base step (its state untouched); Delta = theta_new - theta_old;
 theta <- theta_new + kappa_t * mask * Delta = theta_old + (1 + kappa_t * mask) * Delta.
@@ -56,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regtune.distributed import LOCAL, DataParallel
 from regtune.optim.sam import preserved_bn_stats
 from regtune.optim.wrapper import OptimizerWrapper
 
@@ -71,12 +77,23 @@ def device_generator(generator: torch.Generator | None, device: torch.device) ->
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def label_uniforms(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One uniform per position (``shape`` = the logits' shape without the class dim), drawn on ``device``."""
+    return torch.rand(shape, generator=device_generator(generator, device), device=device, dtype=torch.float64)
+
+
+def labels_from_uniforms(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws of y_hat ~ softmax(logits) (classes on the last dim) from uniforms ``u``."""
+    flat = logits.detach().reshape(-1, logits.shape[-1]).double()
+    cdf = torch.softmax(flat, dim=-1).cumsum(dim=-1)
+    target = u.reshape(-1, 1).to(cdf.device) * cdf[:, -1:]
+    labels = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=flat.shape[-1] - 1)
+    return labels.reshape(logits.shape[:-1])
+
+
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """y_hat ~ softmax(logits) per row of ``logits`` (classes on the last dim), shape ``logits.shape[:-1]``."""
-    flat = logits.detach().reshape(-1, logits.shape[-1]).float()
-    probs = torch.softmax(flat, dim=-1)
-    labels = torch.multinomial(probs, 1, generator=device_generator(generator, probs.device)).squeeze(1)
-    return labels.reshape(logits.shape[:-1])
+    return labels_from_uniforms(logits, label_uniforms(tuple(logits.shape[:-1]), generator, logits.device))
 
 
 def exact_smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -259,17 +276,36 @@ class IRE(OptimizerWrapper):
         forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         targets: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        dp: DataParallel = LOCAL,
     ) -> None:
-        """Recompute the mask from one forward on ``inputs`` with labels sampled from the model."""
+        """Recompute the mask from one forward on ``inputs`` with labels sampled from the model.
+
+        ``dp``: data-parallel workers each compute their share of ``inputs`` (the global batch).
+        """
         forward = forward or (lambda m, x: m(x))
+        n = inputs.shape[0]
+        s = dp.share(n)
+        x = inputs[s] if dp.active else inputs
+        t = targets[s] if dp.active and targets is not None else targets
         with torch.enable_grad(), preserved_bn_stats(model):
-            logits = forward(model, inputs)
-            labels = sample_labels(logits, generator).reshape(-1)
-            if targets is not None and targets.numel() == labels.numel():
-                labels = labels.masked_fill(targets.reshape(-1).to(labels.device) < 0, IGNORE_INDEX)
+            logits = forward(model, x)
+            u = label_uniforms((n, *logits.shape[1:-1]), generator, logits.device)  # the whole batch's draws
+            labels = labels_from_uniforms(logits, u[s] if dp.active else u).reshape(-1)
+            ignore = None
+            if targets is not None and targets.numel() == n * labels.numel() // max(x.shape[0], 1):
+                ignore = t.reshape(-1).to(labels.device) < 0
+                labels = labels.masked_fill(ignore, IGNORE_INDEX)
             flat_logits = logits.reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(flat_logits.float(), labels, ignore_index=IGNORE_INDEX)
-            grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+            if dp.active:  # this shard's part of the global batch's mean loss
+                total = int((targets >= 0).sum()) if ignore is not None else n * labels.numel() // max(x.shape[0], 1)
+                loss = F.cross_entropy(flat_logits.float(), labels, ignore_index=IGNORE_INDEX,
+                                       reduction="sum") / max(total, 1)
+            else:
+                loss = F.cross_entropy(flat_logits.float(), labels, ignore_index=IGNORE_INDEX)
+            grads = list(torch.autograd.grad(loss, self._params, allow_unused=True))
+        if dp.active:  # the global batch's mean gradient on every worker
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self._params, grads)]
+            dp.all_sum_(grads)
         self._ensure_buffers()
         with torch.no_grad():
             for p, g in zip(self._params, grads):
@@ -290,7 +326,7 @@ class IRE(OptimizerWrapper):
             self._refreshed_at = self.num_steps
             inputs, targets = batch
             self.refresh_mask(ctx.model, inputs, forward=ctx.task.forward, targets=targets,
-                              generator=ctx.generator)
+                              generator=ctx.generator, dp=getattr(ctx, "dp", LOCAL))
         super().pre_step(ctx, batch)
 
     # ------------------------------------------------------------------ step
