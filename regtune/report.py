@@ -194,6 +194,17 @@ def pivot_config_table(best: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi) and close a report figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(best: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
     """Validation metric against step for each cell's best trial, one panel per task."""
     tasks = list(dict.fromkeys(best["task"]))
@@ -210,11 +221,7 @@ def plot_curves(best: pd.DataFrame, curves: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel(best["metric"].iloc[0] + (" (%)" if "accuracy" in best["metric"].iloc[0] else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 SEARCH_NOTE = ("The best search trial of each cell: one seed, the best of a noisy search (biased upward). Search trials"

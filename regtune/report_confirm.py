@@ -347,8 +347,6 @@ def plot_search_trace(trials: pd.DataFrame, curves: pd.DataFrame, path: Path) ->
         ax.set_ylabel(f"best {metric} so far" + (" (%)" if "accuracy" in metric else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from regtune.report import save_figure
+
+    return save_figure(fig, path)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -39,7 +38,7 @@ from regtune.report_confirm import search_rows
 from regtune.results import read_tables
 from regtune.tasks.base import get_task
 from studies.spec import Study, confirm_seeds
-from studies.stage import CellPlan
+from studies.stage import CellPlan, RoundRobinSearch
 
 STAGE = "stage_confirm"
 FULL_TRAIN = "full_train"  # the task key that trains on the whole training set (regtune.tasks.cifar)
@@ -126,7 +125,7 @@ def plans(study: Study, sdir: Path, search_plans: list[CellPlan], trials: pd.Dat
     return out
 
 
-class ConfirmSearch(Searcher):
+class ConfirmSearch(RoundRobinSearch):
     """Hands out each cell's fixed confirm configs, round-robin over the cells (fewest started first)."""
 
     def __init__(self, plans: list[ConfirmPlan]):
@@ -150,16 +149,6 @@ class ConfirmSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__.copy(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-
-    def started(self) -> dict[str, int]:
-        return dict(self._count)
 
 
 def algorithms(plans: list[ConfirmPlan]) -> tuple[ConfirmSearch, FIFOScheduler]:

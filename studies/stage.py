@@ -62,7 +62,23 @@ class CellPlan:
     resources: dict[str, float] = field(default_factory=dict)
 
 
-class CellSearch(Searcher):
+class RoundRobinSearch(Searcher):
+    """A searcher whose whole state is its attributes (Tune saves it with the experiment), counting the trials it
+    handed out per cell in ``_count``."""
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+    def started(self) -> dict[str, int]:
+        return dict(self._count)
+
+
+class CellSearch(RoundRobinSearch):
     """Round-robin over per-cell Optuna searchers; ``FINISHED`` once every cell has its trials."""
 
     def __init__(self, plans: list[CellPlan]):
@@ -113,16 +129,6 @@ class CellSearch(Searcher):
         if sub is not None and trial_id in sub._ot_trials:
             sub.on_trial_complete(trial_id, result=result, error=error)
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__.copy(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-
-    def started(self) -> dict[str, int]:
-        return dict(self._count)
 
 
 class CellScheduler(FIFOScheduler):
