@@ -77,25 +77,26 @@ def backfill(tracker, sdir: Path) -> tuple[int, int]:
         curve = by_trial.get(tid)
         points = _metric_points(curve.loc[:, curve.notna().any()]) if curve is not None else {}
         now = int(time.time() * 1000)
+        params = [Param(k[len("config/"):], str(_value(v) if not isinstance(v, str) else v))
+                  for k, v in row.items() if k.startswith("config/") and _value(v) is not None]
         if run is None:
             tags = {
                 "mlflow.parentRunId": tracker.parent_id, "trial_id": tid, "regtune.backfilled": "true",
-                **{k: str(row[k]) for k in ("cell", "method", "task") if row.get(k) is not None},
+                **{k: str(row[k]) for k in ("cell", "method", "task", "phase") if row.get(k) is not None},
                 **{k: v for k, v in tracker.tags.items() if k in ("study", "scale")},
             }
             if tid in stages:
                 tags["stage"] = stages[tid]
             run_id = client.create_run(tracker.experiment_id, run_name=f"{row.get('cell')}_{tid}", tags=tags).info.run_id
-            params = [Param(k[len("config/"):], str(_value(v) if not isinstance(v, str) else v))
-                      for k, v in row.items() if k.startswith("config/") and _value(v) is not None]
-            for i in range(0, len(params), BATCH_PARAMS):
-                client.log_batch(run_id, params=params[i:i + BATCH_PARAMS], synchronous=True)
             have: dict[str, set[int]] = {}
             created += 1
-        else:
+        else:  # a run the server lost mid-trial: its missing params (it may have died before they were logged)
             run_id = run.info.run_id
+            params = [p for p in params if p.key not in run.data.params]
             have = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in points}
             completed += 1
+        for i in range(0, len(params), BATCH_PARAMS):
+            client.log_batch(run_id, params=params[i:i + BATCH_PARAMS], synchronous=True)
         metrics = [Metric(k, v, now, step) for k, pts in points.items() for step, v in pts
                    if step not in have.get(k, set())]
         for i in range(0, len(metrics), BATCH_METRICS):

@@ -83,7 +83,7 @@ def test_full_train_trains_on_every_training_image(root):
     """The confirm phase's ``full_train``: the whole training set trains (the papers' protocol), whatever n_train
     says; val stays the last n_val (inside the training data then)."""
     raw = load_cifar("cifar10", root)
-    data = CifarData("cifar10", data_dir=str(root), download=False, n_train=300, n_val=150, n_test=None,
+    data = CifarData("cifar10", data_dir=str(root), n_train=300, n_val=150, n_test=None,
                      device=CPU, seed=0, full_train=True)
     assert torch.equal(data.train_x, raw["train_x"]) and data.train_x.shape[0] == 500
     assert torch.equal(data.val_x, raw["train_x"][-150:])

@@ -85,7 +85,8 @@ def test_study_finishes_and_says_so_once(outage):
     assert "the study keeps training" in first
     assert "Traceback" not in first and "Exception ignored" not in first
     trials = pd.read_parquet(outage["sdir"] / "trials.parquet")
-    assert len(trials) == 6  # every trial trained, MLflow or not
+    assert (trials["phase"] == "search").sum() == 6 and (trials["phase"] == "confirm").sum() == 6  # every trial
+    # trained, MLflow or not: 2 search trials a cell, then 2 confirm seeds of each cell's best
     finished = [r for r in outage["after_outage"] if r.info.status == "FINISHED"]
     assert len(finished) < len(trials), "the server was killed too late to miss any run: the test proved nothing"
 
@@ -105,6 +106,7 @@ def test_rerun_backfills_every_missing_run_once(outage):
     for r in runs:
         row = trials[trials["trial_id"] == r.data.tags["trial_id"]].iloc[0]
         assert (r.data.tags["cell"], r.data.tags["method"], r.data.tags["task"]) == (row.cell, row.method, row.task)
+        assert r.data.tags["phase"] == row.phase
         assert float(r.data.params["lr"]) == pytest.approx(row["config/lr"])
         history = client.get_metric_history(r.info.run_id, "val/accuracy")
         expected = curves[(curves["trial_id"] == row.trial_id) & curves["val/accuracy"].notna()]
