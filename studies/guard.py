@@ -72,7 +72,8 @@ def check_data_dirs(configs: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
 
 
 # --------------------------------------------------------------------------
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited: only its parent has not reaped it yet)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
@@ -95,7 +96,7 @@ def session_processes(session_dir: str | os.PathLike) -> list[int]:
             links = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
         except OSError:
             continue
-        if any(link.startswith(root) for link in links) and _alive(int(entry)):
+        if any(link.startswith(root) for link in links) and pid_alive(int(entry)):
             found.append(int(entry))
     return sorted(found)
 
@@ -110,9 +111,9 @@ def stop_stale_ray(session_dir: str | os.PathLike, grace: float = 3.0) -> list[i
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.1)
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if pid_alive(p)]
         if not pids:
             break
     return session_processes(session_dir)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from regtune.space import ConfigError
-from studies.guard import check_storage_value
+from studies.guard import check_storage_value, pid_alive
 from studies.tracking import experiment_links
 
 DB_FILE = "mlflow.db"
@@ -111,14 +111,6 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie has exited
-    except OSError:
-        return False
-
-
 def stop(procs: list[subprocess.Popen], grace: float = 5.0, kill_wait: float = 3.0) -> list[int]:
     """Stop each server and every process it started: SIGTERM to its process group and to each descendant,
     SIGKILL to what is left after ``grace`` seconds; wait (by pid, at most ``kill_wait`` more seconds) until
@@ -140,7 +132,7 @@ def stop(procs: list[subprocess.Popen], grace: float = 5.0, kill_wait: float = 3
         while time.monotonic() < deadline:
             for p in procs:
                 p.poll()  # reap the servers (our children)
-            pids = [q for q in pids if _alive(q)]
+            pids = [q for q in pids if pid_alive(q)]
             if not pids:
                 return []
             time.sleep(0.05)

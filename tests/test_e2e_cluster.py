@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from studies.guard import session_processes
+from studies.guard import pid_alive, session_processes
 from tests.conftest import ROOT, cli_env, mlflow_runs, run_cli
 
 EXPERIMENT = "regtune/cpr_grokking"
@@ -185,20 +185,13 @@ def stop_head(head: subprocess.Popen, session: Path | None) -> None:
         head.wait()
         raise AssertionError(f"`ray start --block` did not exit {HEAD_EXIT_S} s after SIGTERM") from None
     deadline = time.monotonic() + PROCESS_EXIT_S
-    alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+    alive = [p for p in pids if pid_alive(p)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
+        alive = [p for p in alive if pid_alive(p)]
     assert not alive, f"processes of the test's Ray head outlived it by {PROCESS_EXIT_S} s: {alive}"
     if session is not None:
         assert session_processes(session) == [], "processes of the test's Ray head outlived it"
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return False
 
 
 def test_ray_job_submit_runs_a_study_with_token_auth_logging_to_an_mlflow_server(ray_job_study, mlflow_server):
@@ -279,10 +272,9 @@ def store_processes(sdir: Path) -> list[int]:
         if entry.isdigit() and int(entry) != os.getpid():
             try:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
             except OSError:
                 continue
-            if needle in cmdline and state != b"Z":
+            if needle in cmdline and pid_alive(int(entry)):
                 found.append(int(entry))
     return found
 
