@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
-from regtune import report_confirm
+from regtune import report_compare, report_confirm
 from regtune.report_protocol import protocol_sections
 from regtune.report_speedup import add_speedups
 
@@ -241,6 +241,7 @@ def build_report(trials: pd.DataFrame, curves: pd.DataFrame, out_dir: Path, *, t
     parts = [f"# {title}", ""]
     if notes:
         parts += [notes, ""]
+    parts += report_compare.sections(trials)  # a comparison study's grouped table ("" for the papers' tables)
     parts += report_confirm.sections(trials, curves)  # the confirmed numbers lead
     pivot = pivot_table(best)
     if pivot:

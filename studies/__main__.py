@@ -168,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             return sync_main(args.study, args.scale, args.storage, args.mlflow_uri)
         from studies import get_study
         from studies.driver import make_report, run_study, study_dir
-        from studies.spec import check_study
+        from studies.spec import at_scale, check_study
 
         study = get_study(args.study)
         scale = args.scale or study.default_scale
+        study = at_scale(study, scale)
         overrides = parse_overrides(getattr(args, "overrides", []))
         check_study(study, scale, overrides)
         if args.command == "estimate":

@@ -86,7 +86,7 @@ def collect_cell(study: Study, scale: str, cell: Cell, dirs: list[tuple[Path, di
             "trial_id": trial_id, "phase": extras.get("phase", "search"), "confirms": extras.get("confirms"),
             "started": float(reports[0].get("timestamp", math.nan)) - float(reports[0].get("time_total_s", 0.0)),
             "budget": budget, "metric": task.metric, "mode": task.mode,
-            "row": cell.row, "col": cell.col, "searched": json.dumps(searched),
+            "row": cell.row, "col": cell.col, "group": cell.group, "searched": json.dumps(searched),
             "speedup_baseline": cell.speedup_baseline,
             "speedup_metric": cell.speedup_metric, "speedup_mode": cell.speedup_mode,
             "published/value": pub.value if pub else math.nan,

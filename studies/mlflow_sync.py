@@ -109,6 +109,7 @@ def sync_main(study_name: str, scale: str | None, storage: str, mlflow_uri: str 
               log=print) -> int:
     """``studies sync-mlflow``: backfill one study run's MLflow runs; the study's parent run is reused."""
     from studies import get_study
+    from studies.spec import at_scale
     from studies.driver import study_dir
     from studies.guard import DriverLock
     from studies.preflight_services import check_mlflow
@@ -116,6 +117,7 @@ def sync_main(study_name: str, scale: str | None, storage: str, mlflow_uri: str 
 
     study = get_study(study_name)
     scale = scale or study.default_scale
+    study = at_scale(study, scale)
     sdir = study_dir(storage, study, scale)
     read_tables(sdir)  # no results yet: one line, exit 2
     check_mlflow(mlflow_uri)

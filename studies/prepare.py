@@ -76,11 +76,13 @@ def prepare_need(need: Need, *, mirror=None, source=None) -> None:
 def prepare_study(name: str, scale: str | None, *, mirror=None, source=None) -> list[str]:
     """Prepare what study ``name`` reads at ``scale``; returns one line per data set that could not be made."""
     from studies import get_study
+    from studies.spec import at_scale
     from studies.preflight import generated, study_needs
     from studies.spec import check_study
 
     study = get_study(name)
     scale = scale or study.default_scale
+    study = at_scale(study, scale)
     check_study(study, scale)
     if generated(study, scale):
         _log(f"{name} --scale {scale} generates its own data when it runs: nothing to prepare")

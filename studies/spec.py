@@ -11,7 +11,7 @@ before Ray starts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -77,6 +77,7 @@ class Cell:
     speedup_baseline: str = ""
     speedup_metric: str = "val/loss"
     speedup_mode: str = "reach_baseline_final"
+    group: str = ""  # a comparison study's row group (e.g. the paper a method comes from); "" for the papers' tables
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class Scale:
     # with ``confirm_seeds`` fresh seeds (None: 2 at a scale named "smoke", else 3; 0: no confirm phase)
     confirm_seeds: int | None = None
     confirm_top: int = 1
+    # the tasks whose cells run at this scale (empty: every cell), for a study that puts one set of methods on a
+    # CPU task at one scale and a GPU task at another
+    tasks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,15 @@ class Study:
             if c.name == name:
                 return c
         raise ConfigError(f"unknown cell {name!r} in study {self.name!r}{suggest(name, [c.name for c in self.cells])}")
+
+
+def at_scale(study: Study, scale: str) -> Study:
+    """The study with only the cells that run at ``scale`` (its ``tasks``); unchanged for an unknown scale, which
+    ``check_study`` rejects."""
+    sc = study.scales.get(scale)
+    if sc is None or not sc.tasks:
+        return study
+    return replace(study, cells=tuple(c for c in study.cells if c.task in sc.tasks))
 
 
 def cell_space(cell: Cell) -> dict[str, Any]:
@@ -192,6 +205,9 @@ def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = 
                 f" allowed keys: {', '.join(sorted(known))}"
             )
     names = [c.name for c in study.cells]
+    for task in study.scales[scale].tasks:
+        if task not in {c.task for c in study.cells}:
+            raise ValueError(f"study {study.name!r}: scale {scale!r} runs task {task!r}, which no cell trains")
     if len(set(names)) != len(names):
         raise ValueError(f"study {study.name!r} has duplicate cell names")
     for name in study.scales[scale].space:

@@ -1,0 +1,116 @@
+"""crossover: every method family of the three papers, and their compositions, on one task.
+
+No paper has this table. The CPR paper (Franke et al., arXiv:2311.09058) compares AdamW, Adam + rescaling and
+AdamCPR; the implicit-regularization paper (Novack et al., arXiv:2211.15853) small-batch SGD, large-batch SGD and
+its micro-batch penalties; the IRE paper (Wang et al., arXiv:2405.20763) SAM and IRE over SGD and AdamW. Here each
+of them, and the compositions no paper ran (AdamCPR + IRE, SAM over AdamCPR, AdamCPR or AdamW with the micro-batch
+gradient-norm penalty), trains on the same task with the same budget, searched with its own space (the method's
+default ranges; the papers' settings evaluated first) and confirmed with fresh seeds, the same way for every cell.
+
+Tasks: grokking (x + y mod p; the CPR paper's model) at ``laptop`` scale on CPU, the default; CIFAR-100 ResNet-18
+(the CPR paper's CIFAR-100 setup: 20k steps of batch 128) at ``paper`` scale on a GPU cluster. The report leads
+with one table grouped by paper, then the compositions: the metric's confirm mean ± std, steps to the threshold
+(mean ± std), cost per step relative to AdamW, and the confirmed configuration.
+
+The micro-batch cells use the implicit paper's shape scaled to the task: a large batch of 4 micro-batches (grokking:
+512 = 4 x 128; CIFAR: 512 = 4 x 128), small-batch SGD at the micro-batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from regtune.space import IntUniform, LogUniform
+from studies._cifar import preparer, resources
+from studies.spec import Cell, Scale, Study
+
+CPR, IMPLICIT, IRE, COMPOSED = "CPR (Franke et al.)", "implicit SGD (Novack et al.)", "IRE / SAM (Wang et al.)", \
+    "compositions"
+
+ADAM_LR, SGD_LR = LogUniform(1e-4, 1e-2), LogUniform(1e-3, 1.0)
+DECAY = LogUniform(1e-3, 1.0)
+LAMBDA = LogUniform(1e-4, 1.0)  # micro-batch penalty weight
+RHO = LogUniform(0.01, 0.5)
+
+# the papers' settings, evaluated first by each cell's search: task -> name -> config
+GROK = "grokking"
+CIFAR = "cifar100_resnet18_cpr"  # the CPR paper's CIFAR-100 ResNet-18 setup (20k steps of batch 128)
+POINTS = {
+    GROK: {  # CPR paper, grokking figure (lr 1e-3; AdamW decay 0.1, rescaling 0.8, dependent kappa 0.8)
+        "adamw": {"lr": 1e-3, "weight_decay": 0.1},
+        "adam_rescale": {"lr": 1e-3, "rescale_alpha": 0.8},
+        "adamcpr": {"lr": 1e-3, "kappa_init_method": "dependent", "kappa_init_param": 0.8},
+        "sgd": {"lr": 0.1},
+    },
+    CIFAR: {  # CPR paper, CIFAR-100 (AdamW 1e-3, rescaling 0.8, warm start 1000); implicit paper, CIFAR-100 SGD
+        "adamw": {"lr": 1e-3, "weight_decay": 1e-3},
+        "adam_rescale": {"lr": 1e-3, "rescale_alpha": 0.8},
+        "adamcpr": {"lr": 1e-3, "kappa_init_method": "warm_start", "kappa_init_param": 1000},
+        "sgd": {"lr": 0.1},
+    },
+}
+KAPPA_SPACE = {"dependent": LogUniform(0.5, 256.0), "warm_start": IntUniform(250, 4000, log=True)}
+GN = {"reg_lambda": 0.01}  # implicit paper, ResNet-18 GN penalty
+SAM = {"sam_rho": 0.05}  # SAM's default radius (IRE paper, CIFAR)
+MICRO = {"batch_size": 512, "micro_batch_size": 128}  # a large batch of 4 micro-batches
+SMALL = {"batch_size": 128}  # small-batch SGD: batch = micro-batch
+
+
+def _cells(task: str) -> tuple[Cell, ...]:
+    pts = POINTS[task]
+    adamw, cpr, sgd = pts["adamw"], pts["adamcpr"], pts["sgd"]
+    cpr_fixed = {"kappa_init_method": cpr["kappa_init_method"]}
+    cpr_space = {"lr": ADAM_LR, "kappa_init_param": KAPPA_SPACE[cpr["kappa_init_method"]]}
+    adamw_space = {"lr": ADAM_LR, "weight_decay": DECAY}
+    sam_fixed = {"sam_base": "adamw"}
+
+    def cell(method: str, group: str, point: dict[str, Any], space: dict[str, Any],
+             fixed: dict[str, Any] | None = None) -> Cell:
+        fixed = fixed or {}
+        name = method if task == GROK else f"cifar100-{method}"
+        searched = {k: v for k, v in point.items() if k in space}
+        return Cell(name, task, method, space={**space, **fixed}, points=(searched,),
+                    published_config={**point, **fixed}, group=group)
+
+    return (
+        cell("adamw", CPR, adamw, adamw_space),
+        cell("adam_rescale", CPR, pts["adam_rescale"], {"lr": ADAM_LR, "rescale_alpha": LogUniform(0.5, 16.0)}),
+        cell("adamcpr", CPR, cpr, cpr_space, cpr_fixed),
+        cell("sgd", IMPLICIT, sgd, {"lr": SGD_LR}, SMALL),
+        cell("pseudo_gd", IMPLICIT, sgd, {"lr": SGD_LR}, MICRO),
+        cell("grad_norm", IMPLICIT, {**sgd, **GN}, {"lr": SGD_LR, "reg_lambda": LAMBDA}, MICRO),
+        cell("adamw_gn", IMPLICIT, {**adamw, **GN}, {**adamw_space, "reg_lambda": LAMBDA}, MICRO),
+        cell("sam", IRE, {**adamw, **SAM}, {**adamw_space, "sam_rho": RHO}, sam_fixed),
+        cell("adamw_ire", IRE, adamw, adamw_space),
+        cell("sam_ire", IRE, {**adamw, **SAM}, {**adamw_space, "sam_rho": RHO}, sam_fixed),
+        cell("adamcpr_ire", COMPOSED, cpr, cpr_space, cpr_fixed),
+        cell("sam_adamcpr", COMPOSED, {**cpr, **SAM}, {**cpr_space, "sam_rho": RHO}, cpr_fixed),
+        cell("adamcpr_gn", COMPOSED, {**cpr, **GN}, {**cpr_space, "reg_lambda": LAMBDA}, {**cpr_fixed, **MICRO}),
+    )
+
+
+CELLS = _cells(GROK) + _cells(CIFAR)
+
+STUDY = Study(
+    name="crossover",
+    doc="Crossover: CPR, implicit-SGD penalties, IRE/SAM and their compositions on one task, searched and confirmed.",
+    paper="no paper: the families of Franke et al. (arXiv:2311.09058), Novack et al. (arXiv:2211.15853) and Wang et "
+          "al. (arXiv:2405.20763) side by side, plus compositions",
+    cells=CELLS,
+    scales={
+        "laptop": Scale(num_samples=2, fixed={"size": "laptop", "steps": 1500, "eval_every": 100}, tasks=(GROK,),
+                        grace_fraction=1 / 5, confirm_seeds=3,
+                        doc="grokking at p = 59 (the paper's model at half width), 1500 steps, 2 search trials and 3 "
+                            "confirm seeds a cell: ~40 min on 2 CPU cores"),
+        "paper": Scale(num_samples=16, fixed={"size": "paper"}, tasks=(CIFAR,),
+                       doc="CIFAR-100 ResNet-18 at the CPR paper's budget (20k steps), 16 trials a cell; a GPU cluster"),
+        "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": 40, "eval_every": 20}, tasks=(GROK,),
+                       grace_fraction=1 / 2, doc="CI-sized: grokking at p = 31, a narrow model, 40 steps"),
+    },
+    default_scale="laptop",
+    threshold=("val/accuracy", 0.95),
+    prepare=preparer("cifar100"),
+    resources=resources,
+    notes="No published numbers: the table compares the families with each other. Every cell: its method's search "
+          "space, the papers' settings evaluated first, the same step budget and the same confirm seeds.",
+)
