@@ -2,8 +2,10 @@
 default search space and paper reference.
 
 A method is a base optimizer plus optional pieces (a gradient estimator, a
-gradient transform, a step transform); each published combination is one
-record here. ``register_method`` adds user methods the same way. Every record
+gradient transform, step transforms that wrap the optimizer); each published
+combination is one record, composed from parts by ``regtune.compose.compose``
+(the parts and their hyperparameters live in ``regtune.parts``).
+``register_method`` adds user methods the same way. Every record
 declares its hyperparameters (``HParam``) and its default search ranges (data
 from ``regtune.space``); ``resolve_config`` merges loop, task and method
 defaults with a user config and rejects unknown keys and out-of-range values.
@@ -41,6 +43,10 @@ class Method:
     # groups of keys of which at most one may be set (not null); a key the user sets replaces the defaults of the
     # other keys of its group (e.g. an absolute ``ire_start`` over a task's default ``ire_start_frac``)
     exclusive: tuple[tuple[str, ...], ...] = ()
+    # the parts it is composed of (regtune.compose), innermost first, e.g. ("adam", "cpr", "ire"); () when hand-built
+    parts: tuple[str, ...] = ()
+    # ctx.extras entries its step reads from earlier cells (e.g. external grafting's reference gradient norms)
+    reads: tuple[str, ...] = ()
 
     @property
     def hparam_map(self) -> dict[str, HParam]:
