@@ -115,7 +115,8 @@ def adamw(**defaults: Any) -> Part:
     """torch AdamW, decoupled weight decay on the regularized tensors only."""
     return Part("adamw", "base", (lr_hp(1e-3), BETAS, EPS, WEIGHT_DECAY, REG_EMBEDDING),
                 {"lr": ADAM_LR_SPACE, "weight_decay": LogUniform(1e-5, 1.0)},
-                doc="AdamW, decoupled weight decay on regularized tensors only", label="AdamW", make=_make_adamw).with_defaults(**defaults)
+                doc="AdamW, decoupled weight decay on regularized tensors only", label="AdamW",
+                make=_make_adamw).with_defaults(**defaults)
 
 
 # ---------------------------------------------------------------------------------------------- wrappers

@@ -14,7 +14,8 @@ all of its state in the base's per-parameter ``state`` and group dicts; its ``st
 the base's own, so ``adamcpr`` checkpoints keep the layout of an Adam checkpoint.
 
 A transparent wrapper's ``state`` reads through to the base as well (``opt.state[p]`` is the
-base's per-parameter state); other wrappers keep their own (empty) one. ``constraint_summary`` (the report's extra metrics) forwards to the base's.
+base's per-parameter state); other wrappers keep their own (empty) one. ``constraint_summary``
+(the report's extra metrics) forwards to the base's.
 Wrappers nest: ``IRE(SAM(CPR(torch.optim.Adam(groups))))`` is one optimizer.
 """
 
