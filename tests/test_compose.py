@@ -332,3 +332,30 @@ def test_a_user_composition_builds_and_steps():
     assert "IRE(" in summary and "grad_norm penalty" in summary and "regularized" in summary
     assert opt.num_refreshes == 3 and all(math.isfinite(m_["reg/value"]) and m_["reg/value"] > 0 for m_ in metrics)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_an_adamcpr_checkpoint_without_the_cpr_step_count_continues_exactly():
+    """Checkpoints of the former Adam subclass had no ``cpr_step``: the constraint counts from Adam's ``step``."""
+    from regtune.optim import AdamCPR
+
+    data = batches(20)
+    kw = dict(lr=1e-2, kappa_init_method="warm_start", kappa_init_param=12)
+    whole, part = make_model(), make_model()
+    opt_whole = AdamCPR(cpr_param_groups(whole)[0], **kw)
+    opt_part = AdamCPR(cpr_param_groups(part)[0], **kw)
+    for x, y in data[:8]:
+        for model, opt in ((whole, opt_whole), (part, opt_part)):
+            set_grads(model, batch_grad(model, x, y))
+            opt.step()
+    saved = copy.deepcopy(opt_part.state_dict())
+    for s in saved["state"].values():
+        assert s.pop("cpr_step", 8) == 8
+    resumed = copy.deepcopy(part)
+    opt_resumed = AdamCPR(cpr_param_groups(resumed)[0], **kw)
+    opt_resumed.load_state_dict(saved)
+    for x, y in data[8:]:
+        for model, opt in ((whole, opt_whole), (resumed, opt_resumed)):
+            set_grads(model, batch_grad(model, x, y))
+            opt.step()
+    assert all(s["cpr_active"] for s in opt_resumed.state.values() if "cpr_active" in s)  # warm start fired at 12
+    assert_same(resumed, whole, rtol=0, atol=0)
