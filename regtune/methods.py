@@ -2,8 +2,10 @@
 default search space and paper reference.
 
 A method is a base optimizer plus optional pieces (a gradient estimator, a
-gradient transform, a step transform); each published combination is one
-record here. ``register_method`` adds user methods the same way. Every record
+gradient transform, step transforms that wrap the optimizer); each published
+combination is one record, composed from parts by ``regtune.compose.compose``
+(the parts and their hyperparameters live in ``regtune.parts``).
+``register_method`` adds user methods the same way. Every record
 declares its hyperparameters (``HParam``) and its default search ranges (data
 from ``regtune.space``); ``resolve_config`` merges loop, task and method
 defaults with a user config and rejects unknown keys and out-of-range values.
@@ -11,6 +13,8 @@ defaults with a user config and rejects unknown keys and out-of-range values.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -41,6 +45,10 @@ class Method:
     # groups of keys of which at most one may be set (not null); a key the user sets replaces the defaults of the
     # other keys of its group (e.g. an absolute ``ire_start`` over a task's default ``ire_start_frac``)
     exclusive: tuple[tuple[str, ...], ...] = ()
+    # the parts it is composed of (regtune.compose), innermost first, e.g. ("adam", "cpr", "ire"); () when hand-built
+    parts: tuple[str, ...] = ()
+    # ctx.extras entries its step reads from earlier cells (e.g. external grafting's reference gradient norms)
+    reads: tuple[str, ...] = ()
 
     @property
     def hparam_map(self) -> dict[str, HParam]:
@@ -50,7 +58,24 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
+# modules outside regtune that registered methods (a study file composing its own): a process that lacks a name
+# (a Ray trial process started by this one inherits the environment) imports them before it gives up
+USER_MODULES_ENV = "REGTUNE_METHOD_MODULES"
+
+
+def _note_user_module(depth: int = 2) -> None:
+    module = sys._getframe(depth).f_globals.get("__name__", "")
+    if not module or module == "__main__" or module.split(".")[0] == "regtune":
+        return
+    known = [m for m in os.environ.get(USER_MODULES_ENV, "").split(",") if m]
+    if module not in known:
+        os.environ[USER_MODULES_ENV] = ",".join(known + [module])
+
+
 def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry (a name once). A method registered by a module outside ``regtune`` (e.g. a
+    study file) is found in other processes too: ``get_method`` imports that module there (see USER_MODULES_ENV);
+    one registered in a script's ``__main__`` travels as a record instead (``trainables.get(record)``)."""
     if method.name in _METHODS:
         raise ValueError(f"method {method.name!r} registered twice")
     hp = method.hparam_map
@@ -59,11 +84,32 @@ def register_method(method: Method) -> Method:
             raise ValueError(f"method {method.name!r}: search space key {key!r} is not a hyperparameter")
         domain_values_ok(domain, hp[key])
     _METHODS[method.name] = method
+    _note_user_module()
     return method
+
+
+def ensure_registered(method: Method) -> Method:
+    """The registered record named ``method.name``: ``method`` itself, registered now if the name is new here
+    (a record that travelled to another process with its trainable)."""
+    _load_builtin()
+    return _METHODS[method.name] if method.name in _METHODS else register_method(method)
+
+
+def _import_user_modules() -> None:
+    import importlib
+
+    for module in [m for m in os.environ.get(USER_MODULES_ENV, "").split(",") if m]:
+        if module not in sys.modules:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # not importable here: the name stays unknown and get_method says so
 
 
 def get_method(name: str) -> Method:
     _load_builtin()
+    if name not in _METHODS:
+        _import_user_modules()
     if name not in _METHODS:
         raise ConfigError(
             f"unknown method {name!r}{suggest(name, _METHODS)}; known methods: {', '.join(sorted(_METHODS))}"

@@ -12,7 +12,10 @@ statistics K times), and forms the large-batch direction
     g_B = (1/K) sum_k grad[ L_k + reg_lambda * R_k ]
 
 (R_k from ``regtune.penalties``, differentiated exactly by double backward).
-Then one step of the base optimizer (plain SGD) on a transformed gradient:
+Then one step of the base optimizer on a transformed gradient. In the paper the
+base is plain SGD; here it is whatever the method composes (``regtune.compose``:
+any base, wrapped in CPR / SAM / IRE ...), and a penalty combines with a
+transform (``make_step(penalty_kind, transform)``):
 
 =================  ======================================================
 ``pseudo_gd``      g_B                               (no penalty)
@@ -69,7 +72,7 @@ from typing import Any
 
 import torch
 
-from regtune.penalties import double_backward_attention, penalty, skip_draws
+from regtune.penalties import PENALTIES, double_backward_attention, penalty, skip_draws
 from regtune.step import StepContext, clip_gradients
 
 MICRO_NORM_EVERY = 20  # steps between data-gradient norm measurements for fisher / jacobian penalties
@@ -137,32 +140,14 @@ def _sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(list(tensors))).pow(2).sum()
 
 
-def microbatch_step(
-    ctx: StepContext,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    *,
-    penalty_kind: str | None = None,
-    transform: str | None = None,
-    micro_norm_every: int = MICRO_NORM_EVERY,
-) -> dict[str, float]:
-    """One large-batch step; see the module docstring. Leaves the direction in ``p.grad``."""
-    if transform not in TRANSFORMS:
-        raise ValueError(f"unknown transform {transform!r}")
-    if penalty_kind is not None and transform is not None:
-        raise ValueError("a penalty and a gradient transform are not combined in this paper's methods")
-    inputs, targets = batch  # the global batch: this worker computes the micro-batches it owns
-    model, task, opt, dp = ctx.model, ctx.task, ctx.optimizer, ctx.dp
+def _direction(ctx: StepContext, inputs: torch.Tensor, targets: torch.Tensor, params: list[torch.Tensor],
+               penalty_kind: str | None, measure: bool, pick: int | None) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """(1/K) sum_k grad[L_k + reg_lambda R_k] at the current weights, summed over the workers; and the raw sums
+    of this worker's metrics (loss, correct, micro-batch squared norms, penalty values, the picked norm)."""
+    model, task, dp = ctx.model, ctx.task, ctx.dp
     m = int(ctx.config["micro_batch_size"])
-    n = inputs.shape[0]
-    k_count = math.ceil(n / m)
+    k_count = math.ceil(inputs.shape[0] / m)
     lam = float(ctx.config.get("reg_lambda", 0.0)) if penalty_kind else 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
-    # reference first, so a missing reference fails before any work
-    ref = reference_norm(_reference_from_ctx(ctx), ctx.step) if transform == "exter_graft" else None
-    pick = int(torch.randint(k_count, (1,), generator=ctx.generator)) if transform == "iter_graft" else None
-    data_grad_free = penalty_kind in (None, "grad_norm")
-    measure = data_grad_free or ctx.step % micro_norm_every == 0
-
     own = range(*dp.bounds(k_count)[dp.rank])
     acc = [torch.zeros_like(p) for p in params]
     loss_sum = torch.zeros((), device=inputs.device)  # on the device: no host sync per micro-batch
@@ -170,7 +155,6 @@ def microbatch_step(
     micro_sq: list[torch.Tensor] = []
     reg_vals: list[torch.Tensor] = []
     pick_sq = None
-    opt.zero_grad(set_to_none=True)
     with torch.enable_grad(), (double_backward_attention() if penalty_kind else contextlib.nullcontext()):
         for k in range(k_count):
             x, y = inputs[k * m:(k + 1) * m], targets[k * m:(k + 1) * m]
@@ -215,11 +199,53 @@ def microbatch_step(
 
     dp.all_sum_(acc)  # the sum over all K micro-batches on every worker (identity in one process)
     torch._foreach_div_(acc, float(k_count))
+    stats = {"loss": loss_sum, "correct": correct, "micro_sq": micro_sq, "reg_vals": reg_vals, "pick_sq": pick_sq,
+             "k_count": k_count}
+    return acc, stats
+
+
+def _graft_target(transform: str, pick_value: float, ref: float | None) -> float:
+    return {"iter_graft": pick_value ** 0.5, "exter_graft": ref, "ngd": 1.0}[transform]
+
+
+def microbatch_step(
+    ctx: StepContext,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    penalty_kind: str | None = None,
+    transform: str | None = None,
+    micro_norm_every: int = MICRO_NORM_EVERY,
+) -> dict[str, float]:
+    """One large-batch step; see the module docstring. Leaves the direction in ``p.grad``.
+
+    ``penalty_kind`` and ``transform`` combine (e.g. a gradient-norm penalty with normalized steps); the base
+    optimizer is whatever ``ctx.optimizer`` is. An optimizer that needs a closure (SAM) gets one that recomputes
+    the whole transformed micro-batch direction at its perturbed weights (the same micro-batches; penalty
+    draws are fresh draws from the method generator).
+    """
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}")
+    if penalty_kind is not None and penalty_kind not in PENALTIES:
+        raise ValueError(f"unknown penalty {penalty_kind!r}; known: {', '.join(PENALTIES)}")
+    inputs, targets = batch  # the global batch: this worker computes the micro-batches it owns
+    model, opt, dp = ctx.model, ctx.optimizer, ctx.dp
+    m = int(ctx.config["micro_batch_size"])
+    n = inputs.shape[0]
+    k_count = math.ceil(n / m)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # reference first, so a missing reference fails before any work
+    ref = reference_norm(_reference_from_ctx(ctx), ctx.step) if transform == "exter_graft" else None
+    pick = int(torch.randint(k_count, (1,), generator=ctx.generator)) if transform == "iter_graft" else None
+    data_grad_free = penalty_kind in (None, "grad_norm")
+    measure = data_grad_free or transform == "iter_graft" or ctx.step % micro_norm_every == 0
+
+    opt.zero_grad(set_to_none=True)
+    acc, st = _direction(ctx, inputs, targets, params, penalty_kind, measure, pick)
     full_norm = float(_sq(acc).sqrt())
-    loss_total, correct_total = float(loss_sum), float(correct)
-    micro_total = float(torch.stack(micro_sq).sum()) if micro_sq else 0.0
-    reg_total = float(torch.stack(reg_vals).sum()) if reg_vals else 0.0
-    pick_value = float(pick_sq) if pick_sq is not None else 0.0
+    loss_total, correct_total = float(st["loss"]), float(st["correct"])
+    micro_total = float(torch.stack(st["micro_sq"]).sum()) if st["micro_sq"] else 0.0
+    reg_total = float(torch.stack(st["reg_vals"]).sum()) if st["reg_vals"] else 0.0
+    pick_value = float(st["pick_sq"]) if st["pick_sq"] is not None else 0.0
     if dp.active:
         loss_total, correct_total, micro_total, reg_total, pick_value = dp.sum_floats(
             [loss_total, correct_total, micro_total, reg_total, pick_value])
@@ -232,8 +258,7 @@ def microbatch_step(
     if measure:
         metrics["grad/micro_norm"] = micro_total / k_count
     if transform is not None:
-        target = {"iter_graft": pick_value ** 0.5,
-                  "exter_graft": ref, "ngd": 1.0}[transform]
+        target = _graft_target(transform, pick_value, ref)
         scale = target / full_norm if full_norm > 0 else 0.0
         torch._foreach_mul_(acc, scale)
         if transform != "ngd":
@@ -241,8 +266,38 @@ def microbatch_step(
     for p, g in zip(params, acc):
         p.grad = g
     clip_gradients(ctx)
-    opt.step()
+    if getattr(opt, "needs_closure", False):
+        def closure() -> torch.Tensor:
+            again, st2 = _direction(ctx, inputs, targets, params, penalty_kind, measure, pick)
+            if transform is not None:
+                norm = float(_sq(again).sqrt())
+                picked = float(st2["pick_sq"]) if st2["pick_sq"] is not None else 0.0
+                if dp.active and transform == "iter_graft":
+                    (picked,) = dp.sum_floats([picked])
+                target2 = _graft_target(transform, picked, ref)
+                torch._foreach_mul_(again, target2 / norm if norm > 0 else 0.0)
+            for p, g in zip(params, again):
+                p.grad = g
+            clip_gradients(ctx)
+            return st2["loss"] / k_count
+
+        opt.step(closure)
+    else:
+        opt.step()
     return metrics
+
+
+_STEP_CACHE: dict[tuple[str | None, str | None], Any] = {}
+
+
+def make_step(penalty_kind: str | None = None, transform: str | None = None):
+    """The step function of a micro-batch estimator (``penalty_kind``, ``transform``); one function object per
+    combination, so the published methods' steps (``STEPS``) are the ones compositions get."""
+    key = (penalty_kind, transform)
+    if key not in _STEP_CACHE:
+        name = "_".join(x for x in (penalty_kind, transform) if x) or "pseudo_gd"
+        _STEP_CACHE[key] = _named(penalty_kind, transform, name)
+    return _STEP_CACHE[key]
 
 
 def _named(penalty_kind: str | None, transform: str | None, name: str):
@@ -254,14 +309,14 @@ def _named(penalty_kind: str | None, transform: str | None, name: str):
     return step
 
 
-pseudo_gd_step = _named(None, None, "pseudo_gd")
-grad_norm_step = _named("grad_norm", None, "grad_norm")
-fisher_trace_step = _named("fisher_trace", None, "fisher_trace")
-avg_jacobian_step = _named("avg_jacobian", None, "avg_jacobian")
-unit_jacobian_step = _named("unit_jacobian", None, "unit_jacobian")
-iter_graft_step = _named(None, "iter_graft", "iter_graft")
-exter_graft_step = _named(None, "exter_graft", "exter_graft")
-ngd_step = _named(None, "ngd", "ngd")
+pseudo_gd_step = make_step(None, None)
+grad_norm_step = make_step("grad_norm", None)
+fisher_trace_step = make_step("fisher_trace", None)
+avg_jacobian_step = make_step("avg_jacobian", None)
+unit_jacobian_step = make_step("unit_jacobian", None)
+iter_graft_step = make_step(None, "iter_graft")
+exter_graft_step = make_step(None, "exter_graft")
+ngd_step = make_step(None, "ngd")
 
 STEPS = {
     "pseudo_gd": pseudo_gd_step,

@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from regtune.microbatch import REFERENCE_KEY, exter_graft_step, reference_norms_from_reports
+from regtune.microbatch import REFERENCE_KEY, reference_norms_from_reports
 from regtune.results import CURVES_FILE, TRIALS_FILE
 
 REFERENCE_METRIC = "grad/full_norm"
@@ -87,10 +87,10 @@ def load_reference_norms(study_dir: str | Path, cell: str, metric: str = REFEREN
 
 
 def needs_reference(method: str) -> bool:
-    """Whether ``method``'s step reads ``ctx.extras[REFERENCE_KEY]`` (external grafting)."""
+    """Whether ``method``'s step reads ``ctx.extras[REFERENCE_KEY]`` (external grafting, in any composition)."""
     from regtune.methods import get_method
 
-    return get_method(method).step is exter_graft_step
+    return REFERENCE_KEY in get_method(method).reads
 
 
 def step_inputs(method: str, extras: Mapping[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,8 @@ def cmd_methods() -> None:
     for name in method_names():
         m = get_method(name)
         print(f"{name:16s} {m.doc}  [{m.paper}]")
+        if m.parts:
+            print(f"    composed of: {' + '.join(m.parts)}")
         for h in m.hparams:
             print(f"    {h.name:22s} default {h.default!r:14s} {h.doc}; {h.allowed()}")
 

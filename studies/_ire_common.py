@@ -36,7 +36,8 @@ IRE_PROG = Uniform(0.0, 6.0)
 IRE_START_FRAC = Uniform(0.0, 0.7)  # IRE's start as a share of the budget (the CIFAR reference: 0.35)
 
 # the names the paper's tables use for our methods
-ROW_NAMES = {"sgd": "SGD", "sgd_ire": "SGD-IRE", "sam": "SAM", "sam_ire": "SAM-IRE",
+ROW_NAMES = {"sgd": "SGD", "sgd_ire": "SGD-IRE", "sam": "SAM", "sam_ire": "SAM-IRE", "sam_adamw": "SAM",
+             "sam_adamw_ire": "SAM-IRE",
              "adamw": "AdamW", "adamw_ire": "AdamW-IRE"}
 
 PrepareHook = Callable[[Path, str], Mapping[str, Any]]

@@ -53,8 +53,8 @@ IRE = {"ire_rank": IRE_RANK, "ire_prog": IRE_PROG, "ire_start_frac": IRE_START_F
 SPACE = {
     "sgd": {"lr": SGD_LR, **SGD},
     "sgd_ire": {"lr": SGD_LR, **IRE, **SGD},
-    "sam": {"lr": SGD_LR, "sam_rho": SAM_RHO, "sam_base": "sgd", **SGD},
-    "sam_ire": {"lr": SGD_LR, "sam_rho": SAM_RHO, **IRE, "sam_base": "sgd", **SGD},
+    "sam": {"lr": SGD_LR, "sam_rho": SAM_RHO, **SGD},
+    "sam_ire": {"lr": SGD_LR, "sam_rho": SAM_RHO, **IRE, **SGD},
 }
 # rank / prog not published for Table 1: the method defaults; the start: epoch 70 of 200 (reference code)
 IRE_POINT = {"ire_rank": 0.2, "ire_prog": 2.0, "ire_start_frac": 0.35}

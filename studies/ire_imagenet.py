@@ -70,8 +70,8 @@ def _resnet(method: str, published: float, space: dict, point: dict):
 CELLS = (
     _resnet("sgd", 76.81, {}, {}),
     _resnet("sgd_ire", 77.04, IRE, IRE_POINT),
-    _resnet("sam", 77.47, {"sam_rho": SAM_RHO, "sam_base": "sgd"}, {"sam_rho": 0.05}),
-    _resnet("sam_ire", 77.92, {"sam_rho": SAM_RHO, "sam_base": "sgd", **IRE}, {"sam_rho": 0.05, **IRE_POINT}),
+    _resnet("sam", 77.47, {"sam_rho": SAM_RHO}, {"sam_rho": 0.05}),
+    _resnet("sam_ire", 77.92, {"sam_rho": SAM_RHO, **IRE}, {"sam_rho": 0.05, **IRE_POINT}),
     cell(VIT, "adamw", VIT_COL, space={"lr": ADAM_LR, "weight_decay": WEIGHT_DECAY},
          point={"lr": 1e-3, "weight_decay": 0.05}, published=78.7, source=SOURCE_4, metric="val/accuracy",
          published_config=VIT_RECIPE),

@@ -25,7 +25,7 @@ EXPECTED = {
     "ire_cifar": [(t, m) for t in ("cifar10_wrn28_10", "cifar100_wrn28_10", "cifar10_resnet56", "cifar100_resnet56")
                   for m in ("sgd", "sgd_ire", "sam", "sam_ire")],
     "ire_vit_cifar100": [(t, m) for t in ("cifar100_vit_t", "cifar100_vit_s")
-                         for m in ("adamw", "adamw_ire", "sam", "sam_ire")],
+                         for m in ("adamw", "adamw_ire", "sam_adamw", "sam_adamw_ire")],
     "ire_imagenet": [("imagenet_resnet50", m) for m in ("sgd", "sgd_ire", "sam", "sam_ire")]
                     + [("imagenet_vit_s", "adamw"), ("imagenet_vit_s", "adamw_ire")],
     "ire_wikitext2": [("wikitext2_transformer", "adamw"), ("wikitext2_transformer", "adamw_ire")],
@@ -156,8 +156,8 @@ def test_ire_vit_cifar100(tmp_path_factory):
     check_common("ire_vit_cifar100", sdir, trials, curves)
     assert trials.loc[trials["phase"] == "confirm", "config/full_train"].eq(True).all()  # the paper's 50k images
     trials = search(trials)
-    sam = trials[trials["method"].isin(["sam", "sam_ire"])]
-    assert (sam["config/sam_base"] == "adamw").all() and len(sam) == 4
+    sam = trials[trials["method"].isin(["sam_adamw", "sam_adamw_ire"])]  # SAM over AdamW
+    assert sam["config/betas"].notna().all() and "config/sam_base" not in sam and len(sam) == 4
     assert trials["final/test/accuracy"].between(0, 1).all()
 
 

@@ -1,7 +1,9 @@
 """The contract every registered method keeps, parametrized over the registry (registering a method tests it):
 two steps on a tiny task move the weights with a finite loss; a checkpoint taken mid-run and loaded into a
-fresh run continues exactly as the uninterrupted run; an unknown key is rejected with its name; the
-regularized / free parameter split is explicit, logged and complete."""
+fresh run continues exactly as the uninterrupted run; an unknown key is rejected with its name, and so is a
+key of a part the method is not made of; a composed method's hyperparameters and search space are its parts'
+union; the regularized / free parameter split is explicit, logged and complete, and the regularization
+(weight decay, the CPR / rescaling flag) lands on the regularized tensors only."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import io
 import pytest
 import torch
 
+from regtune import parts as P
 from regtune.loop import Run
-from regtune.methods import get_method, method_names
+from regtune.methods import LOOP_HPARAMS, get_method, method_names
 from regtune.reference import REFERENCE_KEY, needs_reference
 from regtune.space import ConfigError
+from regtune.tasks.base import get_task
 
 torch.set_num_threads(1)
 TINY = {"task": "grokking", "size": "smoke", "eval_every": 2, "seed": 5}
@@ -77,3 +81,41 @@ def test_regularized_and_free_parameters_are_explicit_and_complete(method):
         if any(p.ndim < 2 for p in g["params"]):
             assert g.get("weight_decay", 0.0) == 0.0 and not g.get("regularize", False), (method, g.keys())
     assert get_method(method).family
+
+
+PARTS = {**P.BASES, **P.WRAPPERS, **P.ESTIMATORS, **P.TRANSFORMS}
+ALL_PART_KEYS = {h.name: h for make in PARTS.values() for h in make().hparams}
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_a_composed_method_has_exactly_its_parts_hyperparameters(method):
+    m = get_method(method)
+    assert m.parts, f"{method}: every built-in method is composed from parts (regtune.parts)"
+    made = [PARTS[name]() for name in m.parts]
+    assert set(m.hparam_map) == {h.name for p in made for h in p.hparams}
+    assert set(m.space) == {k for p in made for k in p.space}
+    for key, domain in m.space.items():  # each range is the one its part declares
+        assert domain == next(p.space[key] for p in reversed(made) if key in p.space), key
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_a_key_of_a_part_it_lacks_is_rejected(method):
+    own = set(get_method(method).hparam_map) | {h.name for h in LOOP_HPARAMS} | set(get_task(TINY["task"]).hparam_map)
+    foreign = sorted(set(ALL_PART_KEYS) - own)
+    assert foreign
+    for key in foreign:
+        with pytest.raises(ConfigError, match=f"unknown hyperparameter '{key}'"):
+            Run(method, {**TINY, "steps": 2, key: ALL_PART_KEYS[key].default})
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_regularization_lands_on_the_regularized_tensors(method):
+    hp = get_method(method).hparam_map
+    extra = {"weight_decay": 0.25} if "weight_decay" in hp else {}
+    run = _run(method, steps=2, **extra)
+    for g in run.optimizer.param_groups:
+        matrices = all(p.ndim >= 2 for p in g["params"])
+        if "weight_decay" in hp:
+            assert g["weight_decay"] == (0.25 if matrices else 0.0), (method, g["weight_decay"])
+        if "kappa_init_method" in hp or "rescale_alpha" in hp:  # CPR / rescaling act where the flag is set
+            assert g["regularize"] == matrices, method

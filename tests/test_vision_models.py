@@ -68,17 +68,17 @@ def test_cifar_ire_task_defaults():
         assert task.method_defaults["sgd_ire"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
                                                    "ire_start_frac": 0.35}
     from regtune.methods import resolve_config
-    c = resolve_config("sam", {"task": "cifar100_vit_s"})
-    assert c["sam_base"] == "adamw" and c["lr"] == 1e-3 and c["label_smoothing"] == 0.1
-    c = resolve_config("sam_ire", {"task": "cifar10_wrn28_10"})
-    assert (c["sam_base"], c["sam_rho"], c["lr"], c["batch_size"]) == ("sgd", 0.05, 0.1, 128)
+    c = resolve_config("sam_adamw", {"task": "cifar100_vit_s"})  # SAM over AdamW: Adam's keys, no momentum
+    assert c["betas"] == (0.9, 0.999) and "momentum" not in c and c["lr"] == 1e-3 and c["label_smoothing"] == 0.1
+    c = resolve_config("sam_ire", {"task": "cifar10_wrn28_10"})  # SAM over SGD: no betas
+    assert (c["momentum"], c["sam_rho"], c["lr"], c["batch_size"]) == (0.9, 0.05, 0.1, 128) and "betas" not in c
     with pytest.raises(ConfigError, match="width"):
         resolve_config("adamw", {"task": "cifar100_vit_t", "width": 0.5})
 
 
 @pytest.mark.parametrize("task,method", [
     ("cifar10_wrn28_10", "sgd_ire"), ("cifar100_resnet56", "sam_ire"), ("cifar100_vit_t", "adamw_ire"),
-    ("cifar100_vit_s", "sam_ire"),
+    ("cifar100_vit_s", "sam_adamw_ire"),
 ])
 def test_smoke_runs_are_finite(cifar_dir, task, method):
     run = Run(method, {"task": task, "size": "smoke", "data_dir": cifar_dir, "ire_interval": 2})

@@ -40,7 +40,7 @@ import torch
 from ray import tune
 
 from regtune.loop import Run
-from regtune.methods import get_method
+from regtune.methods import Method, ensure_registered, get_method
 from regtune.reference import step_inputs
 from regtune.space import Choice, Domain, IntUniform, LogUniform, Uniform
 from trainables import permanent
@@ -64,9 +64,10 @@ def to_tune(domain: Domain | Any) -> Any:
     return domain
 
 
-def space(method: str) -> dict[str, Any]:
-    """The method's default search space as ``ray.tune`` domains."""
-    return {k: to_tune(v) for k, v in get_method(method).space.items()}
+def space(method: str | Method) -> dict[str, Any]:
+    """The method's default search space as ``ray.tune`` domains (a name, or a record such as ``compose(...)``)."""
+    record = method if isinstance(method, Method) else get_method(method)
+    return {k: to_tune(v) for k, v in record.space.items()}
 
 
 def _threads() -> int:
@@ -153,14 +154,20 @@ def _train(method: str, config: Mapping[str, Any]) -> None:
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def get(method: str) -> Callable[[dict], None]:
-    """The Tune function trainable of ``method`` (named after it in Tune's tables)."""
-    get_method(method)  # unknown name -> ConfigError now, not inside a trial
+def get(method: str | Method) -> Callable[[dict], None]:
+    """The Tune function trainable of ``method`` (named after it in Tune's tables): a registered name, or a
+    method record (e.g. ``regtune.compose.compose(...)`` in a script), which travels with the trainable and is
+    registered in the trial process."""
+    record = ensure_registered(method) if isinstance(method, Method) else None
+    name = record.name if record is not None else method
+    get_method(name)  # unknown name -> ConfigError now, not inside a trial
 
     def trainable(config: dict) -> None:
-        run_trial(method, config)
+        if record is not None:
+            ensure_registered(record)
+        run_trial(name, config)
 
-    trainable.__name__ = trainable.__qualname__ = method
+    trainable.__name__ = trainable.__qualname__ = name
     return trainable
 
 

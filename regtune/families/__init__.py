@@ -1,8 +1,9 @@
-"""Built-in method records, one paper a module; importing registers them."""
+"""Built-in method records, one paper a module plus the cross-paper compositions; importing registers them."""
 
 from regtune.families import (  # noqa: F401
     common,
+    composed,
     cpr,
-    implicit,  # noqa: F401
-    ire,  # noqa: F401
+    implicit,
+    ire,
 )

@@ -37,8 +37,8 @@ to BatchNorm parameters and biases.
 ViT tasks (Table 3; 32 px, patch 4): METHODS.md gives the architecture, not the
 optimizer recipe; the defaults here are a common ViT-on-CIFAR AdamW recipe
 (lr 1e-3, betas (0.9, 0.999), weight decay 0.05, 5 warmup epochs then cosine,
-label smoothing 0.1, batch 128, 200 epochs); ``sam`` / ``sam_ire`` use an AdamW
-base there (``sam_base=adamw``). Search or override them per study.
+label smoothing 0.1, batch 128, 200 epochs); SAM there is ``sam_adamw`` /
+``sam_adamw_ire`` (an AdamW base). Search or override them per study.
 
 On CUDA the forward runs under bf16 autocast (``autocast_bf16``, default on;
 BatchNorm and the loss stay in float32); on the CPU it is plain float32.
@@ -161,8 +161,8 @@ def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: 
     method_defaults: dict[str, dict[str, Any]] = {m: dict(SGD_DEFAULTS) for m in SGD_METHODS}
     if vit:
         method_defaults.update({m: dict(ADAMW_DEFAULTS) for m in ADAMW_METHODS})
-        for m in ("sam", "sam_ire"):
-            method_defaults[m] = {**ADAMW_DEFAULTS, "sam_base": "adamw"}
+        for m in ("sam_adamw", "sam_adamw_ire"):
+            method_defaults[m] = dict(ADAMW_DEFAULTS)
     for m, defaults in method_defaults.items():
         if m.endswith("_ire"):
             defaults["ire_start_frac"] = IRE_START_FRAC

@@ -151,7 +151,7 @@ VIT_HPARAMS = (
 )
 SMOKE = {"image_size": 32, "batch_size": 8, "eval_batch_size": 8, "num_workers": 0, "steps": 3, "eval_every": 3}
 SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
-ADAMW_METHODS = ("adamw", "adamw_ire", "adamcpr", "adamcpr_ire", "sam", "sam_ire")
+ADAMW_METHODS = ("adamw", "adamw_ire", "adamcpr", "adamcpr_ire", "sam_adamw", "sam_adamw_ire")
 
 
 def _data(c: Mapping[str, Any]) -> tuple[Need, ...]:
@@ -189,12 +189,10 @@ register_task(Task(
                    "warmup_steps": _epochs(30, 1024), "lr_min_ratio": 0.01},  # DeiT's floor: 1e-5 of 1e-3
     method_defaults={
         **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05} for m in ADAMW_METHODS},
-        **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "sam_base": "adamw"}
-           for m in ("sam", "sam_ire")},
         **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "ire_rank": 0.2, "ire_prog": 2.0,
                "ire_start": _epochs(100, 1024)} for m in ("adamw_ire", "adamcpr_ire")},
-        "sam_ire": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "sam_base": "adamw",
-                    "ire_rank": 0.2, "ire_prog": 2.0, "ire_start": _epochs(100, 1024)},
+        "sam_adamw_ire": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05,
+                          "ire_rank": 0.2, "ire_prog": 2.0, "ire_start": _epochs(100, 1024)},
     },
     size_method_defaults={"smoke": {"*": {"ire_start": 0}}},
     resources=dict(GPU_RESOURCES),
