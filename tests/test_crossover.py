@@ -17,7 +17,7 @@ from tests.conftest import run_smoke_study
 FAMILIES = {  # STUDIES.md, "Crossover": every family of the three papers, then the compositions
     "CPR (Franke et al.)": {"adamw", "adam_rescale", "adamcpr"},
     "implicit SGD (Novack et al.)": {"sgd", "pseudo_gd", "grad_norm", "adamw_gn"},
-    "IRE / SAM (Wang et al.)": {"sam", "adamw_ire", "sam_ire"},
+    "IRE / SAM (Wang et al.)": {"sam_adamw", "adamw_ire", "sam_adamw_ire"},
     "compositions": {"adamcpr_ire", "sam_adamcpr", "adamcpr_gn"},
 }
 
