@@ -1,0 +1,292 @@
+"""S3 study storage against a real S3-compatible server (moto's standalone server, started here on 127.0.0.1
+and configured the AWS way, ``AWS_ENDPOINT_URL``; no client is patched).
+
+* A smoke study runs with ``--storage s3://bucket/prefix``, its driver is SIGKILLed once Tune has saved a
+  restorable state in the bucket, the same command resumes it from the bucket and finishes, and its Parquet
+  tables, report and checkpoints are read back from the bucket with pyarrow.
+* The study lease (``studies.s3lease``): one holder; a dead holder on this host is replaced at once, one on
+  another host only after its heartbeat is ``ttl`` old; a holder whose lease was taken stops itself.
+* Bad S3 storage (no bucket, nothing listening) is one line and exit 2, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, cli_env, run_cli
+from tests.test_fault_tolerance import _wait_for
+
+pytest.importorskip("moto", reason="moto[server] (the test extra) runs the S3-compatible server")
+boto3 = pytest.importorskip("boto3")
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+STUDY = "cpr_grokking-smoke"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1: yields its endpoint URL; stopped by pid at the end."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **CREDS})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"moto server did not start:\n{log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _client(url: str):
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+def _fs(url: str):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=url.split("://", 1)[1], scheme="http", access_key="testing",
+                             secret_key="testing", region="us-east-1")
+
+
+def _files(fs, root: str) -> list[str]:
+    """Object paths under ``root`` relative to it (none if there is nothing yet)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def _env(url: str, tmp_path: Path) -> dict[str, str]:
+    return cli_env(AWS_ENDPOINT_URL=url, REGTUNE_CACHE=str(tmp_path / "cache"), **CREDS)
+
+
+class Driver:
+    """``python -m studies run ...`` in the background, output to a file (tests.test_fault_tolerance's, with env)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str]):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "studies", *args], cwd=ROOT, env=env,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"driver did not finish in {timeout}s:\n{self.output()[-3000:]}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- the study
+def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
+    """Three cells, two trials each, one at a time, no confirm phase: SIGKILL once the bucket holds Tune's
+    experiment state and a trial's reports; the same command resumes from the bucket and finishes."""
+    import pandas as pd
+
+    bucket, prefix = "regtune-e2e", "studies/run1"
+    _client(s3).create_bucket(Bucket=bucket)
+    fs, root = _fs(s3), f"{bucket}/{prefix}/{STUDY}"
+    env = _env(s3, tmp_path)
+    args = ["run", "cpr_grokking", "--scale", "smoke", "--storage", f"s3://{bucket}/{prefix}",
+            "--num-samples", "2", "--max-concurrent", "1", "--confirm-seeds", "0"]
+
+    def restorable() -> bool:  # Tune's experiment state and a trial's checkpoint are in the bucket
+        files = _files(fs, f"{root}/tune/stage1")
+        return any(f.startswith("experiment_state-") for f in files) and any("/checkpoint_" in f for f in files)
+
+    first = Driver(args, tmp_path / "run1.log", env)
+    _wait_for(restorable, 240, "Tune's experiment state and a checkpoint in the bucket", first)
+    lease = json.loads(_client(s3).get_object(Bucket=bucket, Key=f"{prefix}/{STUDY}/driver.lease")["Body"].read())
+    assert lease["pid"] == first.proc.pid
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+
+    second = Driver(args, tmp_path / "run2.log", env)
+    assert second.wait(300) == 0, second.output()[-3000:]
+    out = second.output()
+    assert f"taking over the study's lease from the previous driver (pid {first.proc.pid}" in out
+    assert f"[stage1] resuming the interrupted experiment in s3://{bucket}/{prefix}/{STUDY}/tune/stage1" in out
+    assert f"results:  s3://{bucket}/{prefix}/{STUDY}/trials.parquet" in out
+    assert "Traceback" not in out
+
+    # read back from the bucket, not from the driver's local mirror
+    files = _files(fs, root)
+    assert {"trials.parquet", "curves.parquet", "report/report.md", "tune/stage1/stage_done.json"} <= set(files)
+    assert "driver.lease" not in files  # released at the end
+    trials = pd.read_parquet(f"{root}/trials.parquet", filesystem=fs)
+    curves = pd.read_parquet(f"{root}/curves.parquet", filesystem=fs)
+    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert (trials.groupby("cell").size() == 2).all() and trials["cell"].nunique() == 3
+    assert set(trials["status"]) <= {"completed", "stopped"}
+    assert not curves.duplicated(["trial_id", "step"]).any()
+    assert set(curves["trial_id"]) == set(trials["trial_id"])
+    # every trial dir Tune owns in the bucket is a row (set-aside dirs of the killed run are under .abandoned)
+    owned = {f.split("/")[2] for f in files if f.startswith("tune/stage1/") and f.endswith("/params.json")}
+    assert owned == {f"{c}_{t}" for c, t in zip(trials["cell"], trials["trial_id"])}
+    assert any("/checkpoint_" in f for f in files)  # checkpoints live in the bucket
+    done = json.loads(fs.open_input_stream(f"{root}/tune/stage1/stage_done.json").read())
+    assert done["trials"] == 6 and done["errors"] == 0
+    assert "cpr_grokking (smoke scale)" in fs.open_input_stream(f"{root}/report/report.md").read().decode()
+
+    # the report is rebuilt from the bucket alone (a fresh mirror), and written back there
+    proc = run_cli("report", "cpr_grokking", "--scale", "smoke", "--storage", f"s3://{bucket}/{prefix}",
+                   timeout=300, AWS_ENDPOINT_URL=s3, REGTUNE_CACHE=str(tmp_path / "fresh-cache"), **CREDS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "fresh-cache").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------ fail fast
+@pytest.mark.parametrize("case", ["no-bucket", "unreachable"])
+def test_bad_s3_storage_is_one_line_exit_2_before_ray(s3, tmp_path, case):
+    url = s3 if case == "no-bucket" else f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    env = {k: v for k, v in _env(url, tmp_path).items() if k.startswith(("AWS_", "REGTUNE_"))}
+    proc = run_cli("run", "cpr_grokking", "--scale", "smoke", "--storage", "s3://regtune-missing/x",
+                   timeout=120, **env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --storage s3://regtune-missing/x: "), err
+    assert ("bucket 'regtune-missing' does not exist" if case == "no-bucket" else "cannot reach the S3 endpoint") in err
+    assert "Ray" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------- the lease
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _lease(url: str, key: str, **kw):
+    from studies.guard import pid_alive
+    from studies.s3lease import Lease
+
+    logged: list[str] = []
+    kw.setdefault("log", logged.append)
+    return Lease(_client(url), "regtune-lease", key, alive=pid_alive, **kw), logged
+
+
+def test_lease_one_holder_takeover_rules_and_loss(s3):
+    from regtune.space import ConfigError
+
+    client = _client(s3)
+    client.create_bucket(Bucket="regtune-lease")
+
+    # one holder: a live driver on another host keeps it; release frees it
+    a, _ = _lease(s3, "s/a.lease", host="node-a", ttl=60)
+    a.acquire()
+    b, _ = _lease(s3, "s/a.lease", host="node-b", ttl=60)
+    with pytest.raises(ConfigError, match=r"in use by another driver \(pid \d+ on node-a"):
+        b.acquire()
+    a.release()
+    b.acquire()
+    assert json.loads(client.get_object(Bucket="regtune-lease", Key="s/a.lease")["Body"].read())["host"] == "node-b"
+    b.release()
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket="regtune-lease", Key="s/a.lease")
+
+    # a dead holder on this host (a SIGKILLed driver): taken over at once, whatever the ttl
+    dead, _ = _lease(s3, "s/b.lease", pid=_dead_pid(), ttl=3600)
+    dead.acquire()
+    dead._stop.set()  # its process is gone: no more heartbeats
+    c, logged = _lease(s3, "s/b.lease", ttl=3600)
+    c.acquire()
+    assert c.previous["pid"] == dead.pid and "its process is gone" in logged[0]
+    c.release()
+
+    # a holder on another host that stopped renewing: taken over only once its heartbeat is ttl old (server clock)
+    gone, _ = _lease(s3, "s/c.lease", host="node-a", ttl=3, on_lost=lambda reason: None)
+    gone.acquire()
+    gone._stop.set()
+    gone._thread.join()
+    lost_d: list[str] = []
+    d, logged = _lease(s3, "s/c.lease", host="node-b", ttl=3, on_lost=lost_d.append)
+    with pytest.raises(ConfigError, match="in use by another driver"):
+        d.acquire()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            d.acquire()
+            break
+        except ConfigError:
+            assert time.monotonic() < deadline, "the stale lease was never taken over"
+            time.sleep(0.5)
+    assert "no heartbeat for" in logged[-1]
+
+    # the holder renews (its ETag changes), and stops when another driver took the lease (a refused renewal)
+    etag = d.etag
+    _wait_until(lambda: d.etag != etag, 20, "a renewal of the lease")
+    client.put_object(Bucket="regtune-lease", Key="s/c.lease", Body=b'{"pid": 1, "host": "intruder"}')
+    _wait_until(lambda: lost_d, 20, "the holder noticing its lease was taken")
+    assert "was taken over or deleted" in lost_d[0]
+    d.release()  # not ours any more: the intruder's lease stays
+    assert b"intruder" in client.get_object(Bucket="regtune-lease", Key="s/c.lease")["Body"].read()
+
+
+def _wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_lease_ttl_setting_is_checked(monkeypatch):
+    from regtune.space import ConfigError
+    from studies.s3lease import TTL_ENV, default_ttl
+
+    monkeypatch.setenv(TTL_ENV, "0.5")
+    with pytest.raises(ConfigError, match=r"REGTUNE_LEASE_TTL='0.5' is not allowed: expected seconds between 3"):
+        default_ttl()
+    monkeypatch.setenv(TTL_ENV, "90")
+    assert default_ttl() == 90
+
+
+def test_storage_values():
+    from regtune.space import ConfigError
+    from studies import storage
+
+    assert storage.parse("/tmp/x") is None and storage.location("/tmp/x/y") == "/tmp/x/y"
+    for bad, msg in [("gs://b/p", "scheme 'gs' is not supported"), ("s3://B_x/p", "is not an S3 bucket name"),
+                     ("s3://bucket/a/../b", "has an empty, '.' or '..' part")]:
+        with pytest.raises(ConfigError, match=msg):
+            storage.parse(bad)
+    remote = storage.parse("s3://bucket/pre/fix?endpoint_override=127.0.0.1:9&scheme=http")
+    sdir = remote.local / STUDY
+    assert storage.location(sdir / "tune") == f"s3://bucket/pre/fix/{STUDY}/tune?endpoint_override=127.0.0.1:9&scheme=http"
+    assert remote.local.parts[-4:] == ("127.0.0.1_9", "bucket", "pre", "fix")
+
