@@ -38,6 +38,7 @@ import numpy as np
 from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
+from regtune.space import ConfigError
 from regtune.tasks.base import get_task
 from studies import guard, preflight, provenance, scaleout
 from studies import storage as storage_io
@@ -218,6 +219,9 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
     budget, eval_every = cell_budget(cell, fixed, searched)
     resources, workers = scaleout.trial_request(_resources(study, cell, scale), int(fixed.get("workers", 1)),
                                                 _cluster())
+    if workers is not None and storage_io.find(sdir):  # train_dp's Ray Train run expects a directory
+        raise ConfigError(f"--set workers={fixed.get('workers')} (cell {cell.name!r}) is not allowed with s3:// storage: "
+                          "data-parallel trials need a directory (a shared mount on a cluster)")
     if workers is not None:  # a Ray Train job per trial (trainables.train_dp): the workers' resources
         fixed["__workers"] = workers
     grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)

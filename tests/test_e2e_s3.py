@@ -115,7 +115,7 @@ class Driver:
 
 # ---------------------------------------------------------------------------------------------------- the study
 def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
-    """Three cells, two trials each, one at a time, no confirm phase: SIGKILL once the bucket holds Tune's
+    """Three cells, a trial each, one at a time, no confirm phase: SIGKILL once the bucket holds Tune's
     experiment state and a trial's reports; the same command resumes from the bucket and finishes."""
     import pandas as pd
 
@@ -124,7 +124,7 @@ def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
     fs, root = _fs(s3), f"{bucket}/{prefix}/{STUDY}"
     env = _env(s3, tmp_path)
     args = ["run", "cpr_grokking", "--scale", "smoke", "--storage", f"s3://{bucket}/{prefix}",
-            "--num-samples", "2", "--max-concurrent", "1", "--confirm-seeds", "0"]
+            "--num-samples", "1", "--max-concurrent", "1", "--confirm-seeds", "0"]
 
     def restorable() -> bool:  # Tune's experiment state and a trial's checkpoint are in the bucket
         files = _files(fs, f"{root}/tune/stage1")
@@ -151,8 +151,7 @@ def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
     assert "driver.lease" not in files  # released at the end
     trials = pd.read_parquet(f"{root}/trials.parquet", filesystem=fs)
     curves = pd.read_parquet(f"{root}/curves.parquet", filesystem=fs)
-    assert len(trials) == 6 and trials["trial_id"].is_unique
-    assert (trials.groupby("cell").size() == 2).all() and trials["cell"].nunique() == 3
+    assert len(trials) == 3 and trials["trial_id"].is_unique and trials["cell"].nunique() == 3
     assert set(trials["status"]) <= {"completed", "stopped"}
     assert not curves.duplicated(["trial_id", "step"]).any()
     assert set(curves["trial_id"]) == set(trials["trial_id"])
@@ -161,7 +160,7 @@ def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
     assert owned == {f"{c}_{t}" for c, t in zip(trials["cell"], trials["trial_id"])}
     assert any("/checkpoint_" in f for f in files)  # checkpoints live in the bucket
     done = json.loads(fs.open_input_stream(f"{root}/tune/stage1/stage_done.json").read())
-    assert done["trials"] == 6 and done["errors"] == 0
+    assert done["trials"] == 3 and done["errors"] == 0
     assert "cpr_grokking (smoke scale)" in fs.open_input_stream(f"{root}/report/report.md").read().decode()
 
     # the report is rebuilt from the bucket alone (a fresh mirror), and written back there
