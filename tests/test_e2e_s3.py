@@ -289,3 +289,39 @@ def test_storage_values():
     assert storage.location(sdir / "tune") == f"s3://bucket/pre/fix/{STUDY}/tune?endpoint_override=127.0.0.1:9&scheme=http"
     assert remote.local.parts[-4:] == ("127.0.0.1_9", "bucket", "pre", "fix")
 
+
+
+def test_mirror_pull_push_and_move_aside(s3, tmp_path, monkeypatch):
+    """The driver's local mirror against the bucket: pull leaves checkpoints out and replaces the tune/ cache,
+    push uploads, a trial dir set aside locally is moved in the bucket too (checkpoints included)."""
+    from studies import storage
+
+    for k, v in {"AWS_ENDPOINT_URL": s3, storage.CACHE_ENV: str(tmp_path / "cache"), **CREDS}.items():
+        monkeypatch.setenv(k, v)
+    client = _client(s3)
+    client.create_bucket(Bucket="regtune-mirror")
+    exp = f"p/{STUDY}/tune/stage1"
+    for key in (f"{exp}/a_1/params.json", f"{exp}/a_1/checkpoint_000000/state.pt", f"{exp}/b_2/result.json",
+                f"p/{STUDY}/driver.lease", f"p/{STUDY}/tune/.abandoned/stage1/c_3.x/params.json"):
+        client.put_object(Bucket="regtune-mirror", Key=key, Body=key.encode())
+    sdir = storage.local_root("s3://regtune-mirror/p") / STUDY
+    stale = sdir / "tune" / "stage1" / "gone_9" / "params.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")  # in the mirror only: not in the bucket any more
+    storage.pull(sdir)
+    got = sorted(p.relative_to(sdir).as_posix() for p in sdir.rglob("*") if p.is_file())
+    assert got == ["tune/stage1/a_1/params.json", "tune/stage1/b_2/result.json"]
+    assert (sdir / "tune/stage1/a_1/params.json").read_text() == f"{exp}/a_1/params.json"
+
+    (sdir / "trials.parquet").write_bytes(b"PAR1")
+    storage.push(sdir / "trials.parquet")
+    assert client.get_object(Bucket="regtune-mirror", Key=f"p/{STUDY}/trials.parquet")["Body"].read() == b"PAR1"
+
+    dest = sdir / "tune" / ".abandoned" / "stage1" / "a_1.stamp"
+    dest.parent.mkdir(parents=True)
+    os.replace(sdir / "tune/stage1/a_1", dest)
+    storage.moved(sdir / "tune/stage1/a_1", dest)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="regtune-mirror", Prefix=f"p/{STUDY}/tune/")["Contents"]}
+    assert not {k for k in keys if "/stage1/a_1/" in k}
+    assert {f"p/{STUDY}/tune/.abandoned/stage1/a_1.stamp/params.json",
+            f"p/{STUDY}/tune/.abandoned/stage1/a_1.stamp/checkpoint_000000/state.pt"} <= keys
