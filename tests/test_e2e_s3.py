@@ -115,8 +115,10 @@ class Driver:
 
 # ---------------------------------------------------------------------------------------------------- the study
 def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
-    """Three cells, a trial each, one at a time, no confirm phase: SIGKILL once the bucket holds Tune's
-    experiment state and a trial's reports; the same command resumes from the bucket and finishes."""
+    """Three cells, a trial each, one at a time, no confirm phase: SIGKILL once a trial's reports in the bucket
+    are past step 150 of 300 (Tune syncs its experiment state with them, every second checkpoint of a trial, so
+    the state in the bucket knows a checkpoint of that trial); the same command resumes from the bucket, the
+    trial continues from its checkpoint, and the study finishes."""
     import pandas as pd
 
     bucket, prefix = "regtune-e2e", "studies/run1"
@@ -126,12 +128,16 @@ def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
     args = ["run", "cpr_grokking", "--scale", "smoke", "--storage", f"s3://{bucket}/{prefix}",
             "--num-samples", "1", "--max-concurrent", "1", "--confirm-seeds", "0"]
 
-    def restorable() -> bool:  # Tune's experiment state and a trial's checkpoint are in the bucket
-        files = _files(fs, f"{root}/tune/stage1")
-        return any(f.startswith("experiment_state-") for f in files) and any("/checkpoint_" in f for f in files)
+    stage = f"{root}/tune/stage1"
+
+    def steps() -> list[list[int]]:  # each trial's reported steps, as the bucket has them (objects are whole)
+        reports = [fs.open_input_stream(f"{stage}/{f}").read().decode() for f in _files(fs, stage)
+                   if f.endswith("/result.json")]
+        return [[json.loads(line)["step"] for line in text.splitlines() if line.strip()] for text in reports]
 
     first = Driver(args, tmp_path / "run1.log", env)
-    _wait_for(restorable, 240, "Tune's experiment state and a checkpoint in the bucket", first)
+    _wait_for(lambda: any(150 <= max(s, default=0) < 300 for s in steps()), 240,
+              "a trial's reports past step 150 in the bucket", first)
     lease = json.loads(_client(s3).get_object(Bucket=bucket, Key=f"{prefix}/{STUDY}/driver.lease")["Body"].read())
     assert lease["pid"] == first.proc.pid
     first.proc.send_signal(signal.SIGKILL)
@@ -144,6 +150,8 @@ def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
     assert f"[stage1] resuming the interrupted experiment in s3://{bucket}/{prefix}/{STUDY}/tune/stage1" in out
     assert f"results:  s3://{bucket}/{prefix}/{STUDY}/trials.parquet" in out
     assert "Traceback" not in out
+    resumed = [int(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "] resumed at step" in line]
+    assert resumed and resumed[0] >= 100, resumed  # from a checkpoint in the bucket, not from step 0
 
     # read back from the bucket, not from the driver's local mirror
     files = _files(fs, root)
