@@ -6,7 +6,7 @@ and configured the AWS way, ``AWS_ENDPOINT_URL``; no client is patched).
   tables, report and checkpoints are read back from the bucket with pyarrow.
 * The study lease (``studies.s3lease``): one holder; a dead holder on this host is replaced at once, one on
   another host only after its heartbeat is ``ttl`` old; a holder whose lease was taken stops itself.
-* Bad S3 storage (no bucket, nothing listening) is one line and exit 2, before Ray starts.
+* Bad S3 storage is one line: nothing listening at the endpoint (exit 2 before Ray starts), no such bucket.
 """
 
 from __future__ import annotations
@@ -179,17 +179,27 @@ def test_study_on_s3_killed_resumed_and_read_back(s3, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ fail fast
-@pytest.mark.parametrize("case", ["no-bucket", "unreachable"])
-def test_bad_s3_storage_is_one_line_exit_2_before_ray(s3, tmp_path, case):
-    url = s3 if case == "no-bucket" else f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    env = {k: v for k, v in _env(url, tmp_path).items() if k.startswith(("AWS_", "REGTUNE_"))}
-    proc = run_cli("run", "cpr_grokking", "--scale", "smoke", "--storage", "s3://regtune-missing/x",
-                   timeout=120, **env)
+def test_unreachable_s3_endpoint_is_one_line_exit_2_before_ray(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    proc = run_cli("run", "cpr_grokking", "--scale", "smoke", "--storage", "s3://regtune-missing/x", timeout=120,
+                   AWS_ENDPOINT_URL=url, REGTUNE_CACHE=str(tmp_path / "cache"), **CREDS)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: --storage s3://regtune-missing/x: "), err
-    assert ("bucket 'regtune-missing' does not exist" if case == "no-bucket" else "cannot reach the S3 endpoint") in err
+    assert err == (f"error: --storage s3://regtune-missing/x: cannot reach the S3 endpoint {url} (Could not connect to "
+                   f'the endpoint URL: "{url}/regtune-missing"); set AWS_ENDPOINT_URL for an S3-compatible server'), err
     assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
+    from regtune.space import ConfigError
+    from studies import storage
+
+    for k, v in {"AWS_ENDPOINT_URL": s3, storage.CACHE_ENV: str(tmp_path / "cache"), **CREDS}.items():
+        monkeypatch.setenv(k, v)
+    sdir = storage.local_root("s3://regtune-missing/x") / STUDY
+    with pytest.raises(ConfigError) as e:
+        storage.check(sdir)
+    assert str(e.value) == f"--storage s3://regtune-missing/x: bucket 'regtune-missing' does not exist at {s3} (create it first)"
 
 
 # ------------------------------------------------------------------------------------------------- the lease
