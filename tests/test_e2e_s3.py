@@ -343,3 +343,24 @@ def test_mirror_pull_push_and_move_aside(s3, tmp_path, monkeypatch):
     assert not {k for k in keys if "/stage1/a_1/" in k}
     assert {f"p/{STUDY}/tune/.abandoned/stage1/a_1.stamp/params.json",
             f"p/{STUDY}/tune/.abandoned/stage1/a_1.stamp/checkpoint_000000/state.pt"} <= keys
+
+
+def test_reference_tables_read_from_a_study_uri(s3, monkeypatch):
+    """A trial reads an earlier cell's tables (external grafting's reference) from the study's s3:// URI, which the
+    driver puts in ``__extras["study_dir"]`` with S3 storage."""
+    import pandas as pd
+
+    from regtune.reference import ReferenceMissing, load_reference_norms
+
+    for k, v in {"AWS_ENDPOINT_URL": s3, **CREDS}.items():
+        monkeypatch.setenv(k, v)
+    _client(s3).create_bucket(Bucket="regtune-ref")
+    uri = f"s3://regtune-ref/p/{STUDY}"
+    with pytest.raises(ReferenceMissing, match="missing trials.parquet, curves.parquet"):
+        load_reference_norms(uri, "sgd")
+    fs = _fs(s3)
+    pd.DataFrame({"cell": ["adamw"], "status": ["completed"]}).to_parquet(f"regtune-ref/p/{STUDY}/trials.parquet",
+                                                                          filesystem=fs)
+    pd.DataFrame({"cell": ["adamw"], "step": [0]}).to_parquet(f"regtune-ref/p/{STUDY}/curves.parquet", filesystem=fs)
+    with pytest.raises(ReferenceMissing, match=r"no trials of reference cell 'sgd' .* \(cells there: adamw\)"):
+        load_reference_norms(uri, "sgd")
