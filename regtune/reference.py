@@ -24,7 +24,7 @@ Torch-free apart from the registry lookup; reads Parquet with pandas.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +60,19 @@ def load_reference_norms(study_dir: str | Path, cell: str, metric: str = REFEREN
     Raises ``ReferenceMissing`` naming the cell and the study dir when the
     tables, the cell, a completed trial of it, or its ``metric`` curve are missing.
     """
-    sdir = Path(study_dir)
-    where = f"reference cell {cell!r} in study dir {str(sdir)!r}"
-    t_path, c_path = sdir / TRIALS_FILE, sdir / CURVES_FILE
-    missing = [p.name for p in (t_path, c_path) if not p.exists()]
+    read, missing = _tables(study_dir)
+    where = f"reference cell {cell!r} in study dir {str(study_dir)!r}"
     if missing:
         raise ReferenceMissing(f"no stored results for {where}: missing {', '.join(missing)}"
                                " (the reference cell must run, and be exported, before this one)")
-    trials = pd.read_parquet(t_path)
+    trials = read(TRIALS_FILE)
     if "cell" not in trials or cell not in set(trials["cell"]):
         known = sorted(set(trials["cell"])) if "cell" in trials else []
         raise ReferenceMissing(f"no trials of {where} in {TRIALS_FILE} (cells there: {', '.join(known) or 'none'})")
     best = best_completed_trial(trials, cell)
     if best is None:
         raise ReferenceMissing(f"no completed trial of {where}: every trial stopped early, diverged or errored")
-    curves = pd.read_parquet(c_path)
+    curves = read(CURVES_FILE)
     rows = curves[(curves["cell"] == cell) & (curves["trial_id"] == best["trial_id"])]
     if metric not in rows or rows[metric].isna().all():
         raise ReferenceMissing(f"trial {best['trial_id']} of {where} has no {metric!r} curve in {CURVES_FILE}")
@@ -84,6 +82,22 @@ def load_reference_norms(study_dir: str | Path, cell: str, metric: str = REFEREN
     if 0 not in norms:  # reports keyed by interval start: the first report must have the metric
         raise ReferenceMissing(f"trial {best['trial_id']} of {where}: its first report has no {metric!r}")
     return norms
+
+
+def _tables(study_dir: str | Path) -> tuple[Callable[[str], pd.DataFrame], list[str]]:
+    """(read a table by file name, the missing table files) of a study dir or an ``s3://`` study URI (pyarrow's
+    filesystem layer; the trial's process sees the driver's AWS environment)."""
+    text = str(study_dir)
+    if "://" not in text:
+        sdir = Path(study_dir)
+        return (lambda name: pd.read_parquet(sdir / name)), [n for n in (TRIALS_FILE, CURVES_FILE)
+                                                             if not (sdir / n).exists()]
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(text)
+    found = fs.get_file_info([f"{root}/{n}" for n in (TRIALS_FILE, CURVES_FILE)])
+    missing = [n for n, i in zip((TRIALS_FILE, CURVES_FILE), found) if i.type != pafs.FileType.File]
+    return (lambda name: pd.read_parquet(f"{root}/{name}", filesystem=fs)), missing
 
 
 def needs_reference(method: str) -> bool:

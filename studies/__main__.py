@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("study")
         s.add_argument("--scale", default=None, help="budget preset (default: the study's default scale)")
         s.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
-                       help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
+                       help="results directory or s3://bucket/prefix (default: ./regtune_results or $REGTUNE_STORAGE)")
         if name == "run":
             s.add_argument("--num-samples", type=int, default=None, help="trials per cell")
             s.add_argument("--max-concurrent", type=int, default=None, help="concurrent trials per cell")

@@ -12,12 +12,16 @@ Layout of a study run (``<storage>/<study>-<scale>/``)::
     curves.parquet         one row per report
     report/report.md, report/curves.png, report/search_trace.png
     driver.lock            held by the running driver (studies/guard.py: one driver per study dir)
+    driver.lease           with s3:// storage: the lease in the bucket (studies/s3lease.py)
     tune/.abandoned/       trial dirs of a killed run that the resumed experiment does not own
 
 Running the same command again resumes: finished stages are skipped, an
 interrupted stage is restored with ``Tuner.restore`` (finished trials stay
 finished, running ones continue from their last checkpoint), and MLflow runs
 are reused, never duplicated.
+
+``--storage s3://bucket/prefix``: the same layout under the URI; the study dir here is then a local
+mirror and ``studies.storage`` moves files between the two (Tune writes to the bucket itself).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import numpy as np
 from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
+from regtune.space import ConfigError
 from regtune.tasks.base import get_task
 from studies import guard, preflight, provenance, scaleout
+from studies import storage as storage_io
 from studies.preflight_services import check_services
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
@@ -43,8 +49,8 @@ DONE_FILE = "stage_done.json"
 
 
 def study_dir(storage: str | os.PathLike, study: Study, scale: str) -> Path:
-    guard.check_storage_value(storage)  # a directory (NFS/EFS on a cluster), not an s3:// URI
-    return Path(storage).expanduser().resolve() / f"{study.name}-{scale}"
+    guard.check_storage_value(storage)  # a directory (NFS/EFS on a cluster) or s3://bucket/prefix
+    return storage_io.local_root(storage) / f"{study.name}-{scale}"  # s3://: its local mirror (studies.storage)
 
 
 # --------------------------------------------------------------------------
@@ -114,14 +120,19 @@ def export(study: Study, scale: str, sdir: Path, plans: list[tuple[Cell, int, li
         t, c = collect_cell(study, scale, cell, dirs.get(cell.name, []), budget, searched)
         trials += t
         curves += c
-    return write_tables(trials, curves, sdir)
+    paths = write_tables(trials, curves, sdir)
+    storage_io.push(*paths)  # s3:// storage: into the bucket
+    return paths
 
 
 def make_report(study: Study, scale: str, sdir: Path) -> list[Path]:
+    storage_io.pull(sdir / "trials.parquet", sdir / "curves.parquet")  # s3:// storage: from the bucket
     trials, curves = read_tables(sdir)
     title = f"{study.name} ({scale} scale)"
     notes = f"{study.doc}\n\nPaper: {study.paper}" + (f"\n\n{study.notes}" if study.notes else "")
-    return build_report(trials, curves, sdir / "report", title=title, notes=notes)
+    paths = build_report(trials, curves, sdir / "report", title=title, notes=notes)
+    storage_io.push(*paths)
+    return paths
 
 
 # --------------------------------------------------------------------------
@@ -203,11 +214,14 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
     task = get_task(cell.task)
     fixed, searched = cell_configs(study, cell, scale, extra, overrides)
     fixed.setdefault("seed", seed)
-    fixed["__extras"] = {"study_dir": str(sdir), "cell": cell.name, "needs": list(cell.needs)}
+    fixed["__extras"] = {"study_dir": storage_io.location(sdir), "cell": cell.name, "needs": list(cell.needs)}
     fixed[trainables.METHOD_KEY] = cell.method
     budget, eval_every = cell_budget(cell, fixed, searched)
     resources, workers = scaleout.trial_request(_resources(study, cell, scale), int(fixed.get("workers", 1)),
                                                 _cluster())
+    if workers is not None and storage_io.find(sdir):  # train_dp's Ray Train run expects a directory
+        raise ConfigError(f"--set workers={fixed.get('workers')} (cell {cell.name!r}) is not allowed with s3:// storage: "
+                          "data-parallel trials need a directory (a shared mount on a cluster)")
     if workers is not None:  # a Ray Train job per trial (trainables.train_dp): the workers' resources
         fixed["__workers"] = workers
     grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
@@ -263,10 +277,11 @@ def run_stage(
     else:
         search_alg, scheduler = CellSearch(plans), CellScheduler(plans, log)
     tuner = None
-    if tune.Tuner.can_restore(str(exp_dir)):  # only ever the study's own experiment dir
-        log(f"[{name}] resuming the interrupted experiment in {exp_dir}")
+    where = storage_io.location(exp_dir)  # s3:// storage: Tune reads and writes the bucket itself
+    if tune.Tuner.can_restore(where):  # only ever the study's own experiment dir
+        log(f"[{name}] resuming the interrupted experiment in {where}")
         try:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(where, trainable=trainable, resume_errored=True)
         except Exception as e:  # noqa: BLE001 - e.g. killed before its first trial: start the stage again
             log(f"[{name}] cannot restore ({type(e).__name__}: {e}); starting the stage again")
     if tuner is None:
@@ -284,7 +299,7 @@ def run_stage(
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=str(sdir / "tune"),
+                storage_path=storage_io.location(sdir / "tune"),
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=study.scales[scale].max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -297,6 +312,7 @@ def run_stage(
     log(f"[{name}] {len(cells)} cells, {total} trials in one Tune experiment, up to {max_concurrent} at a time")
     with guard.SignalWatch() as watch:  # Ctrl-C/SIGTERM: Tune saves its state and fit() returns early
         results = tuner.fit()
+    storage_io.pull(exp_dir)  # s3:// storage: the trial dirs Tune wrote, into the mirror
     stopped = stopped_cells(results)  # cells a configuration or data error stopped (not retried)
     for cell, (trial_id, error) in stopped.items():
         log(stop_line(cell, trial_id, error))
@@ -305,6 +321,7 @@ def run_stage(
     errors = [r.error for r in results if r.error is not None]
     (exp_dir / DONE_FILE).write_text(json.dumps({"trials": len(results), "errors": len(errors), "dirs": names,
                                                  "stopped": {c: e for c, (_, e) in stopped.items()}}))
+    storage_io.push(exp_dir / DONE_FILE)
 
 
 def run_study(
@@ -335,7 +352,9 @@ def run_study(
     provenance.check_paper_data(study, scale, overrides)  # paper scale: no generated or too-small data
     from studies.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
+    storage_io.check(sdir)  # s3://: the endpoint, the bucket and a probe write, or exit 2 (before Ray starts)
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies
+    storage_io.pull(sdir)  # s3://: the study's state in the bucket (stage markers, trial dirs) into the mirror
     lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind
     extra = dict(study.prepare(sdir, scale)) if study.prepare else {}
     np.random.seed(seed)  # ASHA's bracket draws on the driver
@@ -390,8 +409,10 @@ def run_study(
             ray_stopped()
         lock.release()
     log(f"\nstudy {study.name} ({scale}) done")
-    log(f"  results:  {sdir / 'trials.parquet'}\n            {sdir / 'curves.parquet'}")
-    log(f"  report:   {paths[0]}\n" + "".join(f"            {p}\n" for p in paths[1:]).rstrip("\n"))
+    log(f"  results:  {storage_io.location(sdir / 'trials.parquet')}")
+    log(f"            {storage_io.location(sdir / 'curves.parquet')}")
+    log(f"  report:   {storage_io.location(paths[0])}\n"
+        + "".join(f"            {storage_io.location(p)}\n" for p in paths[1:]).rstrip("\n"))
     log(f"  MLflow:   {uri}\n  dashboard: {ui_command(uri, tracker.experiment_id)}")
     return sdir
 

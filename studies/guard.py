@@ -1,14 +1,16 @@
 """Fail-fast checks and crash safety of the study driver.
 
 * ``check_storage``: ``--storage`` is a local or shared-filesystem path (an
-  NFS/EFS mount on a cluster), never a URI, and the study directory can be
+  NFS/EFS mount on a cluster) or an ``s3://bucket/prefix`` URI (``studies.storage``:
+  the study dir is then a local mirror), and the study directory can be
   created and written; else a one-line ``ConfigError`` (exit 2) before Ray starts.
 * ``check_data_dirs``: every ``data_dir`` a cell's fixed config names exists.
 * ``DriverLock``: one driver per study directory. The lock is an ``flock`` on
   ``<study dir>/driver.lock``, so the kernel frees it when the driver dies, even
   by SIGKILL; a second driver on the same directory exits with status 2. The file
   records the holder's pid, host and local Ray session, so the next driver can
-  stop what a killed one left behind (``stop_stale_ray``).
+  stop what a killed one left behind (``stop_stale_ray``). With S3 storage the
+  driver also holds the study's lease in the bucket (``studies.s3lease``).
 * ``stop_stale_ray``: a driver that started local Ray and was SIGKILLed leaves
   Ray's agents (and for about a second its trial workers) running. They are
   found by the files they hold open in that Ray session's directory and killed
@@ -31,19 +33,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from regtune.space import ConfigError
+from studies import storage as storage_io
 
 LOCK_FILE = "driver.lock"
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_storage_value(storage: str | os.PathLike) -> None:
-    """Reject URIs: studies live in a directory (a shared mount on a multi-node cluster)."""
-    text = os.fspath(storage)
-    if URI.match(text):
-        raise ConfigError(
-            f"--storage {text!r} is not allowed: expected a local or shared-filesystem directory "
-            "(on a cluster an NFS/EFS mount such as /efs/regtune); URI storage (s3://, gs://, ...) is not supported"
-        )
+    """A directory (a shared mount on a multi-node cluster) or ``s3://bucket/prefix``; other URIs are refused."""
+    storage_io.parse(storage)
 
 
 def check_storage(sdir: Path) -> None:
@@ -127,6 +125,7 @@ class DriverLock:
     def __init__(self, sdir: Path):
         self.path = Path(sdir).resolve() / LOCK_FILE
         self.fd: int | None = None
+        self.lease = None
         self.previous: dict[str, Any] = {}
 
     def acquire(self) -> DriverLock:
@@ -143,6 +142,11 @@ class DriverLock:
                 f"the study directory {str(self.path.parent)!r} is in use by another driver (pid {holder.get('pid')} "
                 f"on {holder.get('host')}, since {holder.get('started')}): wait for it, or stop it and run again"
             ) from None
+        try:  # s3:// storage: the study's lease in the bucket too (another machine may run a driver)
+            self.lease = storage_io.acquire_lease(self.path.parent, pid_alive)
+        except BaseException:
+            os.close(fd)
+            raise
         self.fd = fd
         self.previous = _read(fd)
         self.record(ray_session=None)
@@ -173,6 +177,9 @@ class DriverLock:
                 raise ConfigError(f"leftover Ray processes {left} of session {session!r} could not be stopped")
 
     def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
@@ -238,6 +245,7 @@ def _move_aside(trial_dirs: list[Path], exp_dir: Path) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for d in trial_dirs:
         os.replace(d, dest / f"{d.name}.{stamp}")
+        storage_io.moved(d, dest / f"{d.name}.{stamp}")  # s3:// storage: in the bucket too
 
 
 def start_fresh(exp_dir: Path, num_samples: int, tracker, stage: str, log: Callable[[str], None]) -> None:
@@ -250,6 +258,7 @@ def start_fresh(exp_dir: Path, num_samples: int, tracker, stage: str, log: Calla
     tracker.settle_runs(stage, {})
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / PLAN_FILE).write_text(json.dumps({"num_samples": num_samples}))
+    storage_io.push(exp_dir / PLAN_FILE)
 
 
 class SignalWatch:

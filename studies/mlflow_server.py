@@ -27,6 +27,7 @@ from pathlib import Path
 
 from regtune.space import ConfigError
 from studies.guard import check_storage_value, pid_alive
+from studies.storage import local_root
 from studies.tracking import experiment_links
 
 DB_FILE = "mlflow.db"
@@ -36,7 +37,7 @@ ARTIFACTS_DIR = "mlartifacts"
 def find_stores(storage: str | os.PathLike, study: str | None = None, scale: str | None = None) -> list[Path]:
     """Study directories under ``storage`` that hold an MLflow store, optionally one study / scale."""
     check_storage_value(storage)
-    root = Path(storage).expanduser().resolve()
+    root = local_root(storage)  # s3://bucket/prefix: the stores are in its local mirror (studies.storage)
     if not root.is_dir():
         raise ConfigError(f"--storage {str(root)!r} is not a directory: expected where `studies run` wrote its results")
     pattern = f"{study}-{scale}" if study and scale else f"{study}-*" if study else "*"

@@ -113,12 +113,14 @@ def sync_main(study_name: str, scale: str | None, storage: str, mlflow_uri: str 
     from studies.driver import study_dir
     from studies.guard import DriverLock
     from studies.preflight_services import check_mlflow
+    from studies.storage import pull
     from studies.tracking import PARENT_FILE, StudyTracker, default_tracking_uri, experiment_url
 
     study = get_study(study_name)
     scale = scale or study.default_scale
     study = at_scale(study, scale)
     sdir = study_dir(storage, study, scale)
+    pull(sdir)  # s3:// storage: the tables and trial dirs in the bucket, into the local mirror (studies.storage)
     read_tables(sdir)  # no results yet: one line, exit 2
     check_mlflow(mlflow_uri)
     uri = mlflow_uri or default_tracking_uri(sdir)

@@ -237,9 +237,9 @@ def test_driver_sigkill_then_sigint_then_resume(tmp_path):
 
 # -------------------------------------------------------------------------------------------------- fail fast
 @pytest.mark.parametrize("storage, message", [
-    ("s3://bucket/regtune", "--storage 's3://bucket/regtune' is not allowed: expected a local or shared-filesystem"),
+    ("gs://bucket/regtune", "--storage 'gs://bucket/regtune' is not allowed: expected a directory or s3://bucket/prefix"),
     ("FILE/sub", "is not writable (Not a directory)"),
-], ids=["s3-uri", "storage-under-a-file"])
+], ids=["gs-uri", "storage-under-a-file"])  # s3:// storage: tests/test_e2e_s3.py
 def test_bad_storage_fails_fast_with_exit_2(storage, message, tmp_path):
     (tmp_path / "FILE").write_text("not a directory")
     storage = storage.replace("FILE", str(tmp_path / "FILE"))
