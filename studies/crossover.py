@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from regtune.space import IntUniform, LogUniform
-from studies._cifar import preparer, resources
+from studies._cifar import resources
 from studies.spec import Cell, Scale, Study
 
 CPR, IMPLICIT, IRE, COMPOSED = "CPR (Franke et al.)", "implicit SGD (Novack et al.)", "IRE / SAM (Wang et al.)", \
@@ -112,7 +112,6 @@ STUDY = Study(
     },
     default_scale="laptop",
     threshold=("val/accuracy", 0.95),
-    prepare=preparer("cifar100"),
     resources=resources,
     notes="No published numbers: the table compares the families with each other. Every cell: its method's search "
           "space, the papers' settings evaluated first, the same step budget and the same confirm seeds.",
