@@ -27,7 +27,7 @@ from typing import Any
 
 from regtune.data.cifar import missing_files, write_fake_cifar
 from regtune.tasks.base import get_task
-from studies.preflight import generates_data
+from studies.engine.preflight import generates_data
 from studies.spec import Cell, Published, Scale, published_domain
 
 SMOKE_IMAGES = {"n_train": 384, "n_test": 128}  # the smoke size uses 256 train + 128 val + 128 test

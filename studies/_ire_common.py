@@ -10,7 +10,7 @@ pickles, an ImageFolder tree, token files) and returns ``{"data_dir": ...}``;
 the real loaders read them. At other scales the hooks return nothing: trials
 read ``$REGTUNE_DATA_DIR``, where ``python -m studies prepare`` made the data sets
 once (CIFAR, an ImageNet folder's index, token files); the driver checks them
-before Ray starts (``studies.preflight``).
+before Ray starts (``studies.engine.preflight``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from regtune.space import LogUniform, Uniform
-from studies.preflight import generates_data
+from studies.engine.preflight import generates_data
 from studies.spec import Cell, Published
 
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "

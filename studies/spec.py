@@ -2,7 +2,7 @@
 
 A ``Study`` lists its ``Cell``s (task x method, each searched by its own Optuna
 and scheduled by its own ASHA; the cells of a stage share one Tune experiment,
-see ``studies.stage``), its ``Scale`` presets (``paper``,
+see ``studies.engine.stage``), its ``Scale`` presets (``paper``,
 ``smoke`` ...), and the published numbers the report prints beside ours.
 Search spaces are ``regtune.space`` domains (or fixed values) that narrow the
 method's defaults; a cell may never invent keys (checked by ``check_study``
@@ -96,7 +96,7 @@ class Scale:
     reduction_factor: int = 3
     max_failures: int = 2
     doc: str = ""
-    # the confirm phase (studies.confirm): the top ``confirm_top`` full-budget search configs of each cell re-run
+    # the confirm phase (studies.engine.confirm): the top ``confirm_top`` full-budget search configs of each cell re-run
     # with ``confirm_seeds`` fresh seeds (None: 2 at a scale named "smoke", else 3; 0: no confirm phase)
     confirm_seeds: int | None = None
     confirm_top: int = 1

@@ -25,14 +25,14 @@ that dies fails the trial, and Tune's retry resumes it.
 Resources: the Tune trial itself asks for ~0 CPU (the driver's ``_resources``);
 the workers' placement group asks for ``__workers`` = {"num", "cpu", "gpu"} per
 worker, outside Tune's accounting, so the driver bounds the number of
-concurrent trials to what the cluster can place (``studies.scaleout``).
+concurrent trials to what the cluster can place (``studies.engine.scaleout``).
 
 Known issue (seen on a 2-core host shared by several local Ray instances): a
 trial's worker group sometimes cannot start because the previous trial's
 placement group was not released yet (Ray Train's PlacementGroupCleaner could
 not reach Ray's state API there); the start-up then times out (60 s) and, after
 ``CONTROLLER_FAILURES`` tries, the trial fails and Tune retries it. Stages with
-multi-worker trials do not reuse trial processes (``studies.driver.run_stage``).
+multi-worker trials do not reuse trial processes (``studies.engine.driver.run_stage``).
 """
 
 from __future__ import annotations

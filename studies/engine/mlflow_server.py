@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from regtune.space import ConfigError
-from studies.guard import check_storage_value, pid_alive
-from studies.tracking import experiment_links
+from studies.engine.guard import check_storage_value, pid_alive
+from studies.engine.tracking import experiment_links
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"

@@ -1,17 +1,17 @@
 """The study driver: one Tune experiment per stage of cells (per-cell ASHA + Optuna,
-MLflow; see ``studies.stage``), then Parquet export and the report. All Ray Tune
+MLflow; see ``studies.engine.stage``), then Parquet export and the report. All Ray Tune
 calls of the driver live here.
 
 Layout of a study run (``<storage>/<study>-<scale>/``)::
 
     tune/stage<k>/<cell>_<trial id>/   Ray Tune experiments (restored when run again)
-    tune/stage_confirm/                the confirm phase: the best configs with fresh seeds (studies/confirm.py)
+    tune/stage_confirm/                the confirm phase: the best configs with fresh seeds (studies/engine/confirm.py)
     mlflow.db              the default embedded MLflow store (sqlite)
     mlartifacts/           MLflow artifacts of that store
     trials.parquet         one row per trial
     curves.parquet         one row per report
     report/report.md, report/curves.png, report/search_trace.png
-    driver.lock            held by the running driver (studies/guard.py: one driver per study dir)
+    driver.lock            held by the running driver (studies/engine/guard.py: one driver per study dir)
     tune/.abandoned/       trial dirs of a killed run that the resumed experiment does not own
 
 Running the same command again resumes: finished stages are skipped, an
@@ -35,8 +35,8 @@ from regtune.methods import resolve_config
 from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
 from regtune.tasks.base import get_task
-from studies import guard, preflight, provenance, scaleout
-from studies.preflight_services import check_services
+from studies.engine import guard, preflight, provenance, scaleout
+from studies.engine.preflight_services import check_services
 from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
@@ -197,7 +197,7 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
               num_samples: int, seed: int, overrides: Mapping[str, Any] | None = None):
     """The cell's part of its stage's experiment: fixed config, Tune domains, points, metric, ASHA budget."""
     import trainables
-    from studies.stage import CellPlan
+    from studies.engine.stage import CellPlan
 
     sc = study.scales[scale]
     task = get_task(cell.task)
@@ -224,7 +224,7 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
 
 
 def _trial_dirname(trial) -> str:
-    from studies.stage import cell_of
+    from studies.engine.stage import cell_of
 
     return f"{cell_of(trial.config)}_{trial.trial_id}"
 
@@ -234,14 +234,14 @@ def run_stage(
     num_samples: int, max_concurrent: int, log: Callable[[str], None], phase: str = "search",
 ) -> None:
     """Run (or resume) the cells of one stage (``plans``: theirs, from ``cell_plan``) as one Tune experiment
-    in ``tune/<name>``. ``phase="confirm"``: ``plans`` are ``studies.confirm.ConfirmPlan``s (fixed configs, no
+    in ``tune/<name>``. ``phase="confirm"``: ``plans`` are ``studies.engine.confirm.ConfirmPlan``s (fixed configs, no
     early stopping)."""
     # a snapshot per checkpoint is what makes a killed driver resumable (num_to_keep): not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
     import trainables
-    from studies.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
+    from studies.engine.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
 
     exp_dir = sdir / "tune" / name
     if (exp_dir / DONE_FILE).exists():
@@ -257,7 +257,7 @@ def run_stage(
     callbacks = [tracker.callback(name, {"study": study.name, "scale": scale, "phase": phase})]
     total = sum(p.num_samples for p in plans)
     if phase == "confirm":
-        from studies.confirm import algorithms
+        from studies.engine.confirm import algorithms
 
         search_alg, scheduler = algorithms(plans)
     else:
@@ -322,9 +322,9 @@ def run_study(
     confirm_top: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run (or resume) every cell of ``study`` at ``scale``, then its confirm phase (``studies.confirm``;
+    """Run (or resume) every cell of ``study`` at ``scale``, then its confirm phase (``studies.engine.confirm``;
     ``confirm_seeds`` 0: none); export Parquet; write the report."""
-    from studies import confirm
+    from studies.engine import confirm
 
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
     check_services(mlflow_uri, address)  # an unreachable MLflow server or Ray cluster: exit 2 within seconds
@@ -333,7 +333,7 @@ def run_study(
     guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
     preflight.check_data(study, scale, overrides)  # every data set present and complete, or exit 2 (one line each)
     provenance.check_paper_data(study, scale, overrides)  # paper scale: no generated or too-small data
-    from studies.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
+    from studies.engine.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies
     lock.stop_leftovers(log)  # local Ray processes a SIGKILLed previous driver left behind

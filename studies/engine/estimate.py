@@ -157,16 +157,16 @@ def estimate_study(study: Study, scale: str, *, overrides: Mapping[str, Any] | N
                    num_samples: int | None = None, log: Callable[[str], None] = print) -> list[CellEstimate]:
     """Calibrate every cell and print the cost table; returns the per-cell estimates."""
     from regtune.methods import resolve_config
-    from studies import guard
-    from studies.driver import _resources
+    from studies.engine import guard
+    from studies.engine.driver import _resources
 
     check_study(study, scale, overrides)
-    from studies.preflight import check_data
+    from studies.engine.preflight import check_data
 
     check_data(study, scale, overrides)  # every data set present, or one line each with its prepare command
     sc = study.scales[scale]
     n = num_samples or sc.num_samples
-    from studies.confirm import settings
+    from studies.engine.confirm import settings
 
     seeds, top = settings(study, scale, None, None)
     confirm_runs = seeds * top  # full-budget re-runs of each cell's top configs (no early stopping)
