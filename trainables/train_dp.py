@@ -64,11 +64,9 @@ def trial_storage_path() -> str:
 
     ``tune.get_context().get_trial_dir()`` is a staging directory in the Ray session, which a restarted
     driver does not see again; the Train run (and its checkpoints) must live where a resume finds them.
-    (Private API of ray 2.60: the trial session's StorageContext.)
+    (``get_storage``: a DeveloperAPI of Ray, the trial session's StorageContext.)
     """
-    from ray.train._internal.session import get_session
-
-    return get_session().storage.trial_fs_path
+    return tune.get_context().get_storage().trial_fs_path
 
 
 def run_trial_dp(method: str, config: Mapping[str, Any]) -> None:

@@ -204,11 +204,13 @@ def _read(fd: int) -> dict[str, Any]:
 
 
 def ray_session_dir() -> str | None:
-    """The session directory of the Ray instance this process is connected to (private API: None if it moved)."""
+    """The session directory of the Ray instance this process is connected to (Ray's temp dir / session name;
+    None if it cannot be told)."""
     try:
-        from ray._private import worker
+        import ray
 
-        return worker._global_node.get_session_dir_path()
+        ctx = ray.get_runtime_context()
+        return os.path.join(ctx.get_temp_dir(), ctx.get_session_name())
     except Exception:  # noqa: BLE001 - only used to clean up after a crash; never fail a study over it
         return None
 
