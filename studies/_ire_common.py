@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from regtune.space import LogUniform, Uniform
+from regtune.families.ire import IRE_START_FRAC_SPACE
+from regtune.methods import get_method
 from studies.engine.preflight import generates_data
 from studies.spec import Cell, Published
 
@@ -27,15 +28,20 @@ IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing
              "NeurIPS 2024 (arXiv:2405.20763)")
 
 # default search ranges (STUDIES.md)
-SGD_LR = LogUniform(1e-3, 1.0)
-ADAM_LR = LogUniform(1e-4, 1e-2)
-WEIGHT_DECAY = LogUniform(1e-5, 1.0)
-SAM_RHO = LogUniform(0.01, 0.5)
-IRE_RANK = Uniform(0.01, 0.9)
-IRE_PROG = Uniform(0.0, 6.0)
-IRE_START_FRAC = Uniform(0.0, 0.7)  # IRE's start as a share of the budget (the CIFAR reference: 0.35)
+# the methods' default ranges, each written once in its family (regtune.families): the IRE studies search them
+SGD_LR = get_method("sgd").space["lr"]
+ADAM_LR = get_method("adamw").space["lr"]
+WEIGHT_DECAY = get_method("adamw").space["weight_decay"]
+SAM_RHO = get_method("sam").space["sam_rho"]
+IRE_RANK = get_method("sgd_ire").space["ire_rank"]
+IRE_PROG = get_method("sgd_ire").space["ire_prog"]
+IRE_START_FRAC = IRE_START_FRAC_SPACE  # IRE's start as a share of the budget (the CIFAR reference: 0.35)
 
 # the names the paper's tables use for our methods
+# nanoGPT-style AdamW of the language-model studies (lr 6e-4, betas (0.9, 0.95)), every weight decayed but
+# norms and biases, the embedding included
+LLM_ADAMW = {"lr": 6e-4, "betas": (0.9, 0.95), "regularize_embedding": True}
+
 ROW_NAMES = {"sgd": "SGD", "sgd_ire": "SGD-IRE", "sam": "SAM", "sam_ire": "SAM-IRE",
              "adamw": "AdamW", "adamw_ire": "AdamW-IRE"}
 
@@ -110,11 +116,13 @@ def cell(
     speedup_mode: str = "reach_baseline_final",
     published_speedup: float | None = None,
     name: str | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> Cell:
     """A cell (default name ``<task>-<method>``) in row ``ROW_NAMES[method]`` and column ``col`` of the paper's
     table; ``point`` is Optuna's first config, ``published`` the paper's value of ``metric`` from ``source``;
     ``published_speedup``: the paper's speed-up over ``speedup_baseline`` (same ``source``), which the report's
-    speed-up table prints beside ours."""
+    speed-up table prints beside ours. ``recipe``: the paper's setting the cell does not search (fixed), and of the
+    keys it searches the first point too."""
     pub = {metric: Published(published, source, metric)} if published is not None else {}
     if published_speedup is not None:
         pub["speedup"] = Published(published_speedup, source, "speedup")
@@ -124,6 +132,7 @@ def cell(
         method=method,
         space=dict(space),
         points=(dict(point),),
+        recipe=dict(recipe or {}),
         published=pub,
         published_config=dict(published_config or {}),
         row=row or ROW_NAMES.get(method, method),

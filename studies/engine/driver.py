@@ -37,7 +37,7 @@ from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, writ
 from regtune.tasks.base import get_task
 from studies.engine import guard, preflight, provenance, scaleout
 from studies.engine.preflight_services import check_services
-from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
+from studies.spec import Cell, Study, cell_configs, cell_points, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
 
@@ -211,10 +211,7 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
     if workers is not None:  # a Ray Train job per trial (trainables.train_dp): the workers' resources
         fixed["__workers"] = workers
     grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
-    # a point keeps its searched keys (a key fixed at this scale or by --set is left out);
-    # OptunaSearch needs every searched key in a point
-    points = [q for q in ({k: v for k, v in p.items() if k in searched} for p in cell.points)
-              if q and set(q) == set(searched)]
+    points = cell_points(cell, searched)  # the recipe's searched keys first
     return CellPlan(
         name=cell.name, fixed=fixed, searched={k: trainables.to_tune(v) for k, v in searched.items()},
         points=points, metric=task.metric, mode=task.mode, seed=seed + study.cells.index(cell),

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from regtune.space import ConfigError
-from studies.spec import Cell, Study, cell_configs, check_study, sample_point
+from studies.spec import Cell, Study, cell_configs, cell_points, check_study, sample_point
 
 WARMUP_STEPS = 3
 SIMULATIONS = 4000
@@ -147,8 +147,8 @@ class CellEstimate:
 
 def _cell_config(study: Study, cell: Cell, scale: str, extra: Mapping[str, Any], overrides) -> dict[str, Any]:
     fixed, searched = cell_configs(study, cell, scale, extra, overrides)
-    point = next((p for p in cell.points if set(searched) <= set(p)), None)
-    config = {**fixed, **sample_point(searched)[0], **{k: v for k, v in (point or {}).items() if k in searched}}
+    point = next(iter(cell_points(cell, searched)), {})  # the recipe's first point, where it covers the space
+    config = {**fixed, **sample_point(searched)[0], **point}
     return {k: v for k, v in config.items() if not k.startswith("__")}
 
 
