@@ -119,10 +119,10 @@ def cell(
     recipe: Mapping[str, Any] | None = None,
 ) -> Cell:
     """A cell (default name ``<task>-<method>``) in row ``ROW_NAMES[method]`` and column ``col`` of the paper's
-    table; ``point`` is Optuna's first config, ``published`` the paper's value of ``metric`` from ``source``;
-    ``published_speedup``: the paper's speed-up over ``speedup_baseline`` (same ``source``), which the report's
-    speed-up table prints beside ours. ``recipe``: the paper's setting the cell does not search (fixed), and of the
-    keys it searches the first point too."""
+    table. ``recipe`` and ``point`` together are the cell's recipe (``studies.spec.Cell``): the keys it searches
+    are Optuna's first config, the others are fixed; ``published`` is the paper's value of ``metric`` from
+    ``source``; ``published_speedup``: the paper's speed-up over ``speedup_baseline`` (same ``source``), which the
+    report's speed-up table prints beside ours."""
     pub = {metric: Published(published, source, metric)} if published is not None else {}
     if published_speedup is not None:
         pub["speedup"] = Published(published_speedup, source, "speedup")
@@ -131,8 +131,7 @@ def cell(
         task=task,
         method=method,
         space=dict(space),
-        points=(dict(point),),
-        recipe=dict(recipe or {}),
+        recipe={**(recipe or {}), **point},
         published=pub,
         published_config=dict(published_config or {}),
         row=row or ROW_NAMES.get(method, method),

@@ -15,7 +15,7 @@ from regtune.loop import Run
 from regtune.methods import get_method, resolve_config
 from regtune.results import trial_row
 from regtune.space import ConfigError
-from studies.spec import cell_configs, check_study
+from studies.spec import cell_configs, check_study, first_config
 
 
 @pytest.fixture
@@ -36,7 +36,6 @@ def _ire_optimizer(method: str, config: dict):
 def _study_optimizer(study: str, cell: str, overrides: dict | None = None):
     """The first config of a study's cell (its recipe) and the optimizer it builds."""
     from studies import get_study
-    from studies.spec import first_config
 
     s = get_study(study)
     c = first_config(s, s.cell(cell), "paper", overrides)
@@ -82,7 +81,7 @@ def test_ire_cifar_studies_search_the_start_as_a_share_of_the_budget():
             _, searched = cell_configs(study, cell, "paper")
             assert ("ire_start_frac" in searched) == cell.method.endswith("_ire"), cell.name
             if cell.method.endswith("_ire"):
-                assert cell.points[0]["ire_start_frac"] == 0.35
+                assert cell.recipe["ire_start_frac"] == 0.35
                 assert searched["ire_start_frac"].low <= 0.35 <= searched["ire_start_frac"].high
     # a fixed absolute start on the command line with the searched share: refused before anything starts
     with pytest.raises(ConfigError, match="both set"):
@@ -140,8 +139,7 @@ def test_ire_llama_has_a_2t_adamw_cell_per_task_and_measures_the_speedup_against
         assert set(cells) == {f"{task}-adamw", f"{task}-adamw-2T", f"{task}-adamw_ire"}
         steps = {}
         for name, c in cells.items():
-            fixed, searched = cell_configs(STUDY, c, scale)
-            steps[name] = resolve_config(c.method, {**fixed, **c.points[0]})["steps"]
+            steps[name] = first_config(STUDY, c, scale)["steps"]
         t = steps[f"{task}-adamw"]
         assert t == {"paper": {"wikitext103_llama60m": 50_000, "minipile_llama119m": 30_000,
                                "openwebtext_llama229m": 50_000}[task], "smoke": 60}[scale]
@@ -157,8 +155,7 @@ def test_ire_wikitext2_speedup_is_on_the_training_loss_with_ire_from_step_3000()
     ire = STUDY.cell("wikitext2_transformer-adamw_ire")
     assert ire.speedup_metric == "train/loss" and ire.speedup_mode == "reach_baseline_final"
     assert ire.published["speedup"].value == 5.4 and ire.published["train/loss"].value == 2.35
-    fixed, _ = cell_configs(STUDY, ire, "paper")
-    c = resolve_config("adamw_ire", {**fixed, **ire.points[0]})
+    c = first_config(STUDY, ire, "paper")
     assert c["steps"] == 100_000 and c["ire_start"] == 3000 and c["warmup_steps"] == 3000
 
 
