@@ -116,7 +116,7 @@ def check_packing(storage: Path, samples: int) -> list[tuple[str, str, str, bool
     import pandas as pd
 
     from studies import get_study
-    from studies.driver import run_study
+    from studies.engine.driver import run_study
 
     rows, rate = [], {}
     for label, gpu, conc in (("4 per GPU (gpu 0.25)", 0.25, 4), ("one at a time (gpu 1)", 1.0, 1)):

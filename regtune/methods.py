@@ -147,7 +147,7 @@ LOOP_HPARAMS: tuple[HParam, ...] = (
 
 
 def resolve_config(method_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge defaults (loop <- task <- size preset <- task's per-method) with ``config``.
+    """Merge defaults (loop <- task <- size preset) with ``config``.
 
     Raises ``ConfigError`` naming the key, the value and what is allowed.
     """
@@ -168,10 +168,6 @@ def resolve_config(method_name: str, config: Mapping[str, Any]) -> dict[str, Any
     for defaults in (
         task.loop_defaults,
         task.sizes[size],
-        task.method_defaults.get("*", {}),
-        task.method_defaults.get(method.name, {}),
-        task.size_method_defaults.get(size, {}).get("*", {}),
-        task.size_method_defaults.get(size, {}).get(method.name, {}),
     ):
         layered.update({k: v for k, v in defaults.items() if k in hparams})
     _drop_exclusive_defaults(method, layered, config)

@@ -2,7 +2,7 @@
 the search trace.
 
 Rows of ``trials.parquet`` with ``phase == "confirm"`` re-run a cell's best search config(s) with seeds the
-search did not use (``studies.confirm``). For each cell and published metric this module gives our mean,
+search did not use (``studies.engine.confirm``). For each cell and published metric this module gives our mean,
 sample standard deviation (n - 1) and n, and tests whether they are consistent with the published value at
 95% confidence, two-sided:
 

@@ -5,7 +5,7 @@ Built from the best-trial rows of ``regtune.report.best_trials`` (columns of
 ``trials.parquet``): ``final/test/accuracy_max`` (the running maximum of the
 test accuracy over the reports, ``regtune.loop``), ``final/test/accuracy``,
 ``final/test/accuracy_best`` (the test accuracy of the best-validation
-checkpoint) and ``data_source`` (``studies.provenance``).
+checkpoint) and ``data_source`` (``studies.engine.provenance``).
 """
 
 from __future__ import annotations

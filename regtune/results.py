@@ -10,13 +10,13 @@ mode`` + ``config/<key>``
 numeric metric + ``steps_to_threshold`` + ``published/value``,
 ``published/source``, ``published/metric``, ``published/config`` (JSON),
 ``published/values`` (JSON: every published metric of the cell -> value),
-``data_source`` (one line: the data the trial read, ``studies.provenance``),
+``data_source`` (one line: the data the trial read, ``studies.engine.provenance``),
 ``published/texts`` (JSON: metric -> the value as the paper prints it),
 ``published/stds`` (JSON: metric -> [the paper's std, its number of seeds]).
 
 ``phase``: ``search`` (a trial of the cell's Optuna + ASHA search) or ``confirm``
 (a re-run of the search trial ``confirms`` names, with a fresh ``config/seed``, at
-full budget; ``studies.confirm``). ``started``: when the trial started (seconds
+full budget; ``studies.engine.confirm``). ``started``: when the trial started (seconds
 since the epoch, from its first report), for the search trace.
 
 ``status``: ``completed`` (ran its whole budget), ``stopped`` (stopped early by

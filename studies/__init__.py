@@ -11,8 +11,7 @@ from pathlib import Path
 from regtune.space import ConfigError, suggest
 from studies.spec import Study
 
-_NOT_STUDIES = {"spec", "driver", "tracking", "guard", "mlflow_server", "__main__", "preflight", "prepare", "confirm",
-                "stage", "provenance", "preflight_services", "mlflow_sync", "estimate", "scaleout"}
+_NOT_STUDIES = {"spec", "engine", "__main__"}
 
 
 def _modules() -> list[str]:

@@ -1,5 +1,5 @@
 """Command line: ``python -m studies list | run NAME | report NAME | estimate NAME | mlflow | sync-mlflow NAME |
-methods | tasks`` (and ``prepare NAME | --study NAME``: make data sets once, ``studies.prepare``).
+methods | tasks`` (and ``prepare NAME | --study NAME``: make data sets once, ``studies.engine.prepare``).
 
 Bad input (unknown study, method, task or scale, a misspelled hyperparameter,
 an out-of-range value) prints one line naming the key, the value and what is
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--storage", default=os.environ.get("REGTUNE_STORAGE", "regtune_results"),
                    help="results directory (default: ./regtune_results or $REGTUNE_STORAGE)")
     y.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite in the study dir)")
-    from studies.estimate import add_parser as add_estimate
+    from studies.engine.estimate import add_parser as add_estimate
 
     add_estimate(sub)  # python -m studies estimate NAME: the study's cost from a short calibration
     t = sub.add_parser("trial", help="train one config in this process, without Ray (for debugging a method)")
@@ -131,11 +131,11 @@ def cmd_tasks() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from studies.guard import restore_ctrl_c
+    from studies.engine.guard import restore_ctrl_c
 
     restore_ctrl_c()  # Ctrl-C stops a long command even when a shell started it with SIGINT ignored
-    if argv[:1] == ["prepare"]:  # its own parser (studies.prepare; bad arguments: exit 2)
-        from studies.prepare import main as prepare_main
+    if argv[:1] == ["prepare"]:  # its own parser (studies.engine.prepare; bad arguments: exit 2)
+        from studies.engine.prepare import main as prepare_main
 
         return prepare_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "mlflow":
             from studies import get_study
-            from studies.mlflow_server import serve
+            from studies.engine.mlflow_server import serve
 
             if args.study:
                 get_study(args.study)  # unknown name: one line with suggestions
@@ -165,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
         if args.command == "sync-mlflow":
-            from studies.mlflow_sync import sync_main
+            from studies.engine.mlflow_sync import sync_main
 
             return sync_main(args.study, args.scale, args.storage, args.mlflow_uri)
         from studies import get_study
-        from studies.driver import make_report, run_study, study_dir
+        from studies.engine.driver import make_report, run_study, study_dir
         from studies.spec import at_scale, check_study
 
         study = get_study(args.study)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(getattr(args, "overrides", []))
         check_study(study, scale, overrides)
         if args.command == "estimate":
-            from studies.estimate import main as estimate_main
+            from studies.engine.estimate import main as estimate_main
 
             return estimate_main(args, study, scale, overrides)
         if args.command == "report":

@@ -27,8 +27,8 @@ from typing import Any
 
 from regtune.data.cifar import missing_files, write_fake_cifar
 from regtune.tasks.base import get_task
-from studies.preflight import generates_data
-from studies.spec import Cell, Published, Scale, published_domain
+from studies.engine.preflight import generates_data
+from studies.spec import Cell, Published, Scale, cell_keys, published_domain
 
 SMOKE_IMAGES = {"n_train": 384, "n_test": 128}  # the smoke size uses 256 train + 128 val + 128 test
 
@@ -63,9 +63,24 @@ PAPER_SCALE = Scale(num_samples=16, fixed={"size": "paper"}, grace_fraction=1 / 
                         "cluster (4 trials share a GPU)")
 
 
-def smoke_scale(space: Mapping[str, Mapping[str, Any]] | None = None, num_samples: int = 1) -> Scale:
+# smoke: large batch 32 in micro-batches of 8; the small-batch sgd baseline uses batch = micro-batch
+SMOKE_BATCH = {"batch_size": 32, "micro_batch_size": 8}
+SMOKE_SGD = {"batch_size": 8}
+
+
+def smoke_scale(cells: tuple[Cell, ...], space: Mapping[str, Mapping[str, Any]] | None = None,
+                num_samples: int = 1) -> Scale:
+    """The smoke scale of an implicit study: each cell's smoke batch (where the cell does not fix it), then
+    ``space`` (cell name -> entries) over it."""
+    per_cell: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        defaults = SMOKE_SGD if c.method == "sgd" else SMOKE_BATCH
+        keys = cell_keys(c)
+        per_cell[c.name] = {k: v for k, v in defaults.items() if k in keys and k not in c.space}
+    for name, entries in (space or {}).items():
+        per_cell.setdefault(name, {}).update(entries)
     return Scale(num_samples=num_samples, fixed={"size": "smoke", "steps": 4, "eval_every": 2},
-                 space=dict(space or {}), grace_fraction=1 / 2, max_failures=0,
+                 space=per_cell, grace_fraction=1 / 2, max_failures=0,
                  doc="CI-sized: width 1/16, 256 generated images, batch 32 in micro-batches of 8, 4 steps")
 
 
@@ -83,6 +98,11 @@ COLUMNS = {  # method -> the seed table's column label
     "avg_jacobian": "LB + AJ", "unit_jacobian": "LB + UJ", "iter_graft": "Iterative Grafting",
     "exter_graft": "External Grafting", "ngd": "NGD",
 }
+# the paper's batches: the small-batch baseline at batch 128 without momentum or weight decay, reporting every
+# 20 steps (the 20-step blocks external grafting reads its gradient norms over); the large-batch methods at batch
+# 5120 in micro-batches of 128
+SGD_RECIPE = {"batch_size": 128, "momentum": 0.0, "weight_decay": 0.0, "eval_every": 20}
+LARGE_BATCH_RECIPE = {"batch_size": 5120, "micro_batch_size": 128}
 SEED = "seed README (Novack et al.)"
 BEST = "test/accuracy_best"  # test accuracy of the best-validation checkpoint, as the seed's eval.py reports
 FINAL = "test/accuracy"  # test accuracy of the last checkpoint
@@ -107,6 +127,8 @@ def implicit_cell(
 
     ``published``: metric -> published value in percent, as the seed prints it, e.g. {BEST: 92.64}.
     ``fixed``: extra fixed hyperparameters (e.g. ``micro_batch_size``), also part of the published config.
+    The cell's recipe: ``point`` (eta, lambda) with the paper's batch (``SGD_RECIPE`` for the small-batch
+    baseline, else ``LARGE_BATCH_RECIPE``).
     """
     point: dict[str, Any] = {"lr": lr}
     space: dict[str, Any] = {"lr": published_domain(lr, lr_factor)}
@@ -119,7 +141,7 @@ def implicit_cell(
         task=task,
         method=method,
         space=space,
-        points=(point,),
+        recipe={**(SGD_RECIPE if method == "sgd" else LARGE_BATCH_RECIPE), **point},
         published={m: Published(f"{v:.2f}", source, metric=m) for m, v in published.items()},  # as printed
         published_config={**point, **(fixed or {})},
         row=row or MODELS[task],

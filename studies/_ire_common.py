@@ -10,7 +10,7 @@ pickles, an ImageFolder tree, token files) and returns ``{"data_dir": ...}``;
 the real loaders read them. At other scales the hooks return nothing: trials
 read ``$REGTUNE_DATA_DIR``, where ``python -m studies prepare`` made the data sets
 once (CIFAR, an ImageNet folder's index, token files); the driver checks them
-before Ray starts (``studies.preflight``).
+before Ray starts (``studies.engine.preflight``).
 """
 
 from __future__ import annotations
@@ -19,23 +19,29 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from regtune.space import LogUniform, Uniform
-from studies.preflight import generates_data
+from regtune.families.ire import IRE_START_FRAC_SPACE
+from regtune.methods import get_method
+from studies.engine.preflight import generates_data
 from studies.spec import Cell, Published
 
 IRE_PAPER = ("Wang et al., Improving Generalization and Convergence by Enhancing Implicit Regularization, "
              "NeurIPS 2024 (arXiv:2405.20763)")
 
 # default search ranges (STUDIES.md)
-SGD_LR = LogUniform(1e-3, 1.0)
-ADAM_LR = LogUniform(1e-4, 1e-2)
-WEIGHT_DECAY = LogUniform(1e-5, 1.0)
-SAM_RHO = LogUniform(0.01, 0.5)
-IRE_RANK = Uniform(0.01, 0.9)
-IRE_PROG = Uniform(0.0, 6.0)
-IRE_START_FRAC = Uniform(0.0, 0.7)  # IRE's start as a share of the budget (the CIFAR reference: 0.35)
+# the methods' default ranges, each written once in its family (regtune.families): the IRE studies search them
+SGD_LR = get_method("sgd").space["lr"]
+ADAM_LR = get_method("adamw").space["lr"]
+WEIGHT_DECAY = get_method("adamw").space["weight_decay"]
+SAM_RHO = get_method("sam").space["sam_rho"]
+IRE_RANK = get_method("sgd_ire").space["ire_rank"]
+IRE_PROG = get_method("sgd_ire").space["ire_prog"]
+IRE_START_FRAC = IRE_START_FRAC_SPACE  # IRE's start as a share of the budget (the CIFAR reference: 0.35)
 
 # the names the paper's tables use for our methods
+# nanoGPT-style AdamW of the language-model studies (lr 6e-4, betas (0.9, 0.95)), every weight decayed but
+# norms and biases, the embedding included
+LLM_ADAMW = {"lr": 6e-4, "betas": (0.9, 0.95), "regularize_embedding": True}
+
 ROW_NAMES = {"sgd": "SGD", "sgd_ire": "SGD-IRE", "sam": "SAM", "sam_ire": "SAM-IRE", "sam_adamw": "SAM",
              "sam_adamw_ire": "SAM-IRE",
              "adamw": "AdamW", "adamw_ire": "AdamW-IRE"}
@@ -111,11 +117,13 @@ def cell(
     speedup_mode: str = "reach_baseline_final",
     published_speedup: float | None = None,
     name: str | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> Cell:
     """A cell (default name ``<task>-<method>``) in row ``ROW_NAMES[method]`` and column ``col`` of the paper's
-    table; ``point`` is Optuna's first config, ``published`` the paper's value of ``metric`` from ``source``;
-    ``published_speedup``: the paper's speed-up over ``speedup_baseline`` (same ``source``), which the report's
-    speed-up table prints beside ours."""
+    table. ``recipe`` and ``point`` together are the cell's recipe (``studies.spec.Cell``): the keys it searches
+    are Optuna's first config, the others are fixed; ``published`` is the paper's value of ``metric`` from
+    ``source``; ``published_speedup``: the paper's speed-up over ``speedup_baseline`` (same ``source``), which the
+    report's speed-up table prints beside ours."""
     pub = {metric: Published(published, source, metric)} if published is not None else {}
     if published_speedup is not None:
         pub["speedup"] = Published(published_speedup, source, "speedup")
@@ -124,7 +132,7 @@ def cell(
         task=task,
         method=method,
         space=dict(space),
-        points=(dict(point),),
+        recipe={**(recipe or {}), **point},
         published=pub,
         published_config=dict(published_config or {}),
         row=row or ROW_NAMES.get(method, method),

@@ -34,11 +34,16 @@ SOURCE = "CPR paper (Franke et al.), CIFAR-100 ResNet-18, mean of 3 seeds"
 LR = 1e-3
 
 
+BETAS = (0.9, 0.98)
+
+
 def _cell(name: str, method: str, col: str, acc: tuple[str, str], knobs: dict, space: dict, point: dict) -> Cell:
+    """``knobs``: the method's fixed settings; ``point``: the published values of the searched ``space``; with
+    lr 1e-3 and betas (0.9, 0.98) they are the cell's recipe."""
     return Cell(
         name=name, task=TASK, method=method,
-        space={"lr": published_domain(LR), **knobs, **space},
-        points=({"lr": LR, **point},),
+        space={"lr": published_domain(LR), **space},
+        recipe={"lr": LR, "betas": BETAS, **knobs, **point},
         published={FINAL: Published(acc[0], SOURCE, metric=FINAL, std=acc[1], n=3)},
         published_config={"lr": LR, **knobs, **point},
         row=ROW, col=col, use_default_space=False,

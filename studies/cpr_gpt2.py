@@ -25,7 +25,7 @@ tokens a step, cosine to lr/10) as Optuna's first point.
 from __future__ import annotations
 
 from regtune.space import IntUniform
-from studies._ire_common import ADAM_LR, WEIGHT_DECAY, cell, resources, text_prepare
+from studies._ire_common import ADAM_LR, LLM_ADAMW, WEIGHT_DECAY, cell, resources, text_prepare
 from studies.spec import Scale, Study
 
 TASK = "openwebtext_gpt2s"
@@ -38,17 +38,17 @@ SMOKE_WARMUP = 6  # the task's smoke preset
 PAPER_GPUS = 8  # the CPR seed README: "for the GPT2 experiments: Ampere, Ada, or Hopper and 8 GPUs"
 
 CELLS = (
-    cell(TASK, "adamw", COL, name="adamw", space={"lr": ADAM_LR, "weight_decay": WEIGHT_DECAY},
+    cell(TASK, "adamw", COL, name="adamw", recipe=LLM_ADAMW, space={"lr": ADAM_LR, "weight_decay": WEIGHT_DECAY},
          point={"lr": 6e-4, "weight_decay": 1e-2}, published=18.23, source=SOURCE, metric="val/perplexity",
          published_config={**RECIPE, "weight_decay": 1e-2}, row="AdamW (wd 1e-2)"),
-    cell(TASK, "adamcpr", COL,
+    cell(TASK, "adamcpr", COL, recipe=LLM_ADAMW,
          space={"lr": ADAM_LR, "kappa_init_method": "warm_start",
                 "kappa_init_param": IntUniform(WARMUP // 2, 8 * WARMUP)},
          point={"lr": 6e-4, "kappa_init_param": WARMUP}, published=18.02, source=SOURCE,
          metric="val/perplexity", published_config={**RECIPE, "kappa_init_method": "warm_start",
                                                      "kappa_init_param": WARMUP},
          row="AdamCPR warm_start 5k", name="adamcpr_warm_start"),
-    cell(TASK, "adamcpr", COL,
+    cell(TASK, "adamcpr", COL, recipe=LLM_ADAMW,
          space={"lr": ADAM_LR, "kappa_init_method": "inflection_point", "kappa_init_param": 1.0,
                 "reg_step_size": WARMUP // 10},
          point={"lr": 6e-4}, published=17.94, source=SOURCE, metric="val/perplexity",

@@ -13,24 +13,35 @@ from regtune.space import LogUniform
 from studies.spec import Cell, Scale, Study
 
 LR = LogUniform(1e-4, 1e-2)
+# the paper's setting of each cell (the first point of its search; the rest fixed); every method: Adam's
+# betas (0.9, 0.98), lr 1e-3, the embedding regularized too
+ADAM = {"lr": 1e-3, "betas": (0.9, 0.98), "regularize_embedding": True}
+RECIPE = {
+    "adamw": {**ADAM, "weight_decay": 0.1},
+    "adam_rescale": {**ADAM, "rescale_alpha": 0.8},
+    "adamcpr": {**ADAM, "kappa_init_method": "dependent", "kappa_init_param": 0.8},
+}
+
+
+def _published(method: str, *keys: str) -> dict:
+    """The part of a cell's recipe the report shows as the paper's config."""
+    return {k: RECIPE[method][k] for k in keys}
+
 
 STUDY = Study(
     name="cpr_grokking",
     doc="Grokking (x + y mod 113): AdamW vs Adam + rescaling vs AdamCPR.",
     paper="Franke et al., Constrained Parameter Regularization, NeurIPS 2024 (arXiv:2311.09058), grokking figure",
     cells=(
-        Cell("adamw", "grokking", "adamw",
+        Cell("adamw", "grokking", "adamw", recipe=RECIPE["adamw"],
              space={"lr": LR, "weight_decay": LogUniform(1e-3, 1.0)},
-             points=({"lr": 1e-3, "weight_decay": 0.1},),
-             published_config={"lr": 1e-3, "weight_decay": 0.1}),
-        Cell("adam_rescale", "grokking", "adam_rescale",
+             published_config=_published("adamw", "lr", "weight_decay")),
+        Cell("adam_rescale", "grokking", "adam_rescale", recipe=RECIPE["adam_rescale"],
              space={"lr": LR, "rescale_alpha": LogUniform(0.5, 16.0)},
-             points=({"lr": 1e-3, "rescale_alpha": 0.8},),
-             published_config={"lr": 1e-3, "rescale_alpha": 0.8}),
-        Cell("adamcpr", "grokking", "adamcpr",
-             space={"lr": LR, "kappa_init_method": "dependent", "kappa_init_param": LogUniform(0.5, 256.0)},
-             points=({"lr": 1e-3, "kappa_init_param": 0.8},),
-             published_config={"lr": 1e-3, "kappa_init_method": "dependent", "kappa_init_param": 0.8}),
+             published_config=_published("adam_rescale", "lr", "rescale_alpha")),
+        Cell("adamcpr", "grokking", "adamcpr", recipe=RECIPE["adamcpr"],
+             space={"lr": LR, "kappa_init_param": LogUniform(0.5, 256.0)},
+             published_config=_published("adamcpr", "lr", "kappa_init_method", "kappa_init_param")),
     ),
     scales={
         "paper": Scale(num_samples=16, fixed={"size": "paper", "steps": 8000, "eval_every": 100},

@@ -24,7 +24,7 @@ from regtune.space import IntUniform, LogUniform
 from studies._cifar import resources
 from studies.spec import Cell, Scale, Study
 
-CPR, IMPLICIT, IRE, COMPOSED = "CPR (Franke et al.)", "implicit SGD (Novack et al.)", "IRE / SAM (Wang et al.)", \
+CPR, IMPLICIT, IRE_SAM, COMPOSED = "CPR (Franke et al.)", "implicit SGD (Novack et al.)", "IRE / SAM (Wang et al.)", \
     "compositions"
 
 ADAM_LR, SGD_LR = LogUniform(1e-4, 1e-2), LogUniform(1e-3, 1.0)
@@ -32,26 +32,28 @@ DECAY = LogUniform(1e-3, 1.0)
 LAMBDA = LogUniform(1e-4, 1.0)  # micro-batch penalty weight
 RHO = LogUniform(0.01, 0.5)
 
-# the papers' settings, evaluated first by each cell's search: task -> name -> config
+# each cell's recipe: the papers' settings, one dict that is both the fixed config and Optuna's first point
 GROK = "grokking"
 CIFAR = "cifar100_resnet18_cpr"  # the CPR paper's CIFAR-100 ResNet-18 setup (20k steps of batch 128)
-POINTS = {
-    GROK: {  # CPR paper, grokking figure (lr 1e-3; AdamW decay 0.1, rescaling 0.8, dependent kappa 0.8)
-        "adamw": {"lr": 1e-3, "weight_decay": 0.1},
-        "adam_rescale": {"lr": 1e-3, "rescale_alpha": 0.8},
-        "adamcpr": {"lr": 1e-3, "kappa_init_method": "dependent", "kappa_init_param": 0.8},
+ADAM = {"lr": 1e-3, "betas": (0.9, 0.98)}  # the CPR paper's Adam settings (grokking and CIFAR-100)
+RECIPES = {
+    GROK: {  # CPR paper, grokking figure (AdamW decay 0.1, rescaling 0.8, dependent kappa 0.8; embedding regularized)
+        "adamw": {**ADAM, "weight_decay": 0.1, "regularize_embedding": True},
+        "adam_rescale": {**ADAM, "rescale_alpha": 0.8, "regularize_embedding": True},
+        "adamcpr": {**ADAM, "kappa_init_method": "dependent", "kappa_init_param": 0.8, "regularize_embedding": True},
         "sgd": {"lr": 0.1},
     },
-    CIFAR: {  # CPR paper, CIFAR-100 (AdamW 1e-3, rescaling 0.8, warm start 1000); implicit paper, CIFAR-100 SGD
-        "adamw": {"lr": 1e-3, "weight_decay": 1e-3},
-        "adam_rescale": {"lr": 1e-3, "rescale_alpha": 0.8},
-        "adamcpr": {"lr": 1e-3, "kappa_init_method": "warm_start", "kappa_init_param": 1000},
+    CIFAR: {  # CPR paper, CIFAR-100 (AdamW decay 1e-3, rescaling 0.8, warm start 1000); implicit paper's SGD lr 0.1
+        "adamw": {**ADAM, "weight_decay": 1e-3},
+        "adam_rescale": {**ADAM, "rescale_alpha": 0.8},
+        "adamcpr": {**ADAM, "kappa_init_method": "warm_start", "kappa_init_param": 1000},
         "sgd": {"lr": 0.1},
     },
 }
 KAPPA_SPACE = {"dependent": LogUniform(0.5, 256.0), "warm_start": IntUniform(250, 4000, log=True)}
 GN = {"reg_lambda": 0.01}  # implicit paper, ResNet-18 GN penalty
-SAM = {"sam_rho": 0.05}  # SAM's default radius (IRE paper, CIFAR)
+SAM = {"sam_rho": 0.05}  # SAM's radius in the IRE paper's CIFAR runs
+IRE = {"ire_rank": 0.2, "ire_prog": 2.0}  # IRE's defaults (the paper's LLaMA / ViT setting)
 MICRO = {"batch_size": 512, "micro_batch_size": 128}  # a large batch of 4 micro-batches
 SMALL = {"batch_size": 128}  # small-batch SGD: batch = micro-batch
 # laptop grokking: small enough that 13 cells x (2 search + 3 confirm) trials fit on a laptop, and AdamCPR's point
@@ -61,34 +63,29 @@ LAPTOP_TASK = {"size": "paper", "modulus": 23, "train_fraction": 0.7, "d_model":
 
 
 def _cells(task: str) -> tuple[Cell, ...]:
-    pts = POINTS[task]
-    adamw, cpr, sgd = pts["adamw"], pts["adamcpr"], pts["sgd"]
-    cpr_fixed = {"kappa_init_method": cpr["kappa_init_method"]}
+    r = RECIPES[task]
+    adamw, cpr, sgd = r["adamw"], r["adamcpr"], r["sgd"]
     cpr_space = {"lr": ADAM_LR, "kappa_init_param": KAPPA_SPACE[cpr["kappa_init_method"]]}
     adamw_space = {"lr": ADAM_LR, "weight_decay": DECAY}
 
-    def cell(method: str, group: str, point: dict[str, Any], space: dict[str, Any],
-             fixed: dict[str, Any] | None = None) -> Cell:
-        fixed = fixed or {}
+    def cell(method: str, group: str, recipe: dict[str, Any], space: dict[str, Any]) -> Cell:
         name = method if task == GROK else f"cifar100-{method}"
-        searched = {k: v for k, v in point.items() if k in space}
-        return Cell(name, task, method, space={**space, **fixed}, points=(searched,),
-                    published_config={**point, **fixed}, group=group)
+        return Cell(name, task, method, recipe=recipe, space=space, published_config=recipe, group=group)
 
     return (
         cell("adamw", CPR, adamw, adamw_space),
-        cell("adam_rescale", CPR, pts["adam_rescale"], {"lr": ADAM_LR, "rescale_alpha": LogUniform(0.5, 16.0)}),
-        cell("adamcpr", CPR, cpr, cpr_space, cpr_fixed),
-        cell("sgd", IMPLICIT, sgd, {"lr": SGD_LR}, SMALL),
-        cell("pseudo_gd", IMPLICIT, sgd, {"lr": SGD_LR}, MICRO),
-        cell("grad_norm", IMPLICIT, {**sgd, **GN}, {"lr": SGD_LR, "reg_lambda": LAMBDA}, MICRO),
-        cell("adamw_gn", IMPLICIT, {**adamw, **GN}, {**adamw_space, "reg_lambda": LAMBDA}, MICRO),
-        cell("sam_adamw", IRE, {**adamw, **SAM}, {**adamw_space, "sam_rho": RHO}),
-        cell("adamw_ire", IRE, adamw, adamw_space),
-        cell("sam_adamw_ire", IRE, {**adamw, **SAM}, {**adamw_space, "sam_rho": RHO}),
-        cell("adamcpr_ire", COMPOSED, cpr, cpr_space, cpr_fixed),
-        cell("sam_adamcpr", COMPOSED, {**cpr, **SAM}, {**cpr_space, "sam_rho": RHO}, cpr_fixed),
-        cell("adamcpr_gn", COMPOSED, {**cpr, **GN}, {**cpr_space, "reg_lambda": LAMBDA}, {**cpr_fixed, **MICRO}),
+        cell("adam_rescale", CPR, r["adam_rescale"], {"lr": ADAM_LR, "rescale_alpha": LogUniform(0.5, 16.0)}),
+        cell("adamcpr", CPR, cpr, cpr_space),
+        cell("sgd", IMPLICIT, {**sgd, **SMALL}, {"lr": SGD_LR}),
+        cell("pseudo_gd", IMPLICIT, {**sgd, **MICRO}, {"lr": SGD_LR}),
+        cell("grad_norm", IMPLICIT, {**sgd, **GN, **MICRO}, {"lr": SGD_LR, "reg_lambda": LAMBDA}),
+        cell("adamw_gn", IMPLICIT, {**adamw, **GN, **MICRO}, {**adamw_space, "reg_lambda": LAMBDA}),
+        cell("sam_adamw", IRE_SAM, {**adamw, **SAM}, {**adamw_space, "sam_rho": RHO}),
+        cell("adamw_ire", IRE_SAM, {**adamw, **IRE}, adamw_space),
+        cell("sam_adamw_ire", IRE_SAM, {**adamw, **SAM, **IRE}, {**adamw_space, "sam_rho": RHO}),
+        cell("adamcpr_ire", COMPOSED, {**cpr, **IRE}, cpr_space),
+        cell("sam_adamcpr", COMPOSED, {**cpr, **SAM}, {**cpr_space, "sam_rho": RHO}),
+        cell("adamcpr_gn", COMPOSED, {**cpr, **GN, **MICRO}, {**cpr_space, "reg_lambda": LAMBDA}),
     )
 
 

@@ -36,17 +36,19 @@ TABLE = {
     "cifar100_vgg16": ((0.1, 0.1, 0.1, 0.1, 0.4322), (64.26, 55.94, 59.71, 63.48, 58.05)),
 }
 
+CELLS = tuple(
+    implicit_cell(task, method, lr, published={BEST: acc}, source=SOURCE,
+                  needs=(f"{task}-sgd",) if method == "exter_graft" else ())
+    for task, (lrs, accs) in TABLE.items() for method, lr, acc in zip(METHODS, lrs, accs)
+)
+
 STUDY = Study(
     name="implicit_grafting",
     doc="Implicit SGD regularization, grafting table: LB SGD with iterative / external grafting and NGD.",
     paper="Novack et al., Disentangling the Mechanisms Behind Implicit Regularization in SGD, ICLR 2023 "
           "(arXiv:2211.15853), seed README grafting table",
-    cells=tuple(
-        implicit_cell(task, method, lr, published={BEST: acc}, source=SOURCE,
-                      needs=(f"{task}-sgd",) if method == "exter_graft" else ())
-        for task, (lrs, accs) in TABLE.items() for method, lr, acc in zip(METHODS, lrs, accs)
-    ),
-    scales={"paper": PAPER_SCALE, "smoke": smoke_scale()},
+    cells=CELLS,
+    scales={"paper": PAPER_SCALE, "smoke": smoke_scale(CELLS)},
     default_scale="paper",
     confirm_full_train=False,  # the paper itself trains on 40000 and picks the checkpoint on the other 10000
     prepare=preparer("cifar10", "cifar100"),

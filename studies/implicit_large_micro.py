@@ -35,19 +35,21 @@ def _name(task: str, method: str, m: int) -> str:
     return f"{task}-{method}-m{m}"
 
 
+CELLS = tuple(
+    implicit_cell(task, method, lr, lam, published={BEST: acc}, source=SOURCE, name=_name(task, method, m),
+                  row=f"{MODELS[task]}, {label}", col=COLUMN, fixed={"micro_batch_size": m})
+    for task, method, label, m, lr, lam, acc, _ in TABLE
+)
+
 STUDY = Study(
     name="implicit_large_micro",
     doc="Implicit SGD regularization, large micro-batch table: GN / FT penalties with micro-batches of 1000-2560.",
     paper="Novack et al., Disentangling the Mechanisms Behind Implicit Regularization in SGD, ICLR 2023 "
           "(arXiv:2211.15853), seed README large micro-batch table",
-    cells=tuple(
-        implicit_cell(task, method, lr, lam, published={BEST: acc}, source=SOURCE, name=_name(task, method, m),
-                      row=f"{MODELS[task]}, {label}", col=COLUMN, fixed={"micro_batch_size": m})
-        for task, method, label, m, lr, lam, acc, _ in TABLE
-    ),
+    cells=CELLS,
     scales={
         "paper": PAPER_SCALE,
-        "smoke": smoke_scale({_name(t, me, m): {"micro_batch_size": sm} for t, me, _, m, *_rest, sm in TABLE}),
+        "smoke": smoke_scale(CELLS, {_name(t, me, m): {"micro_batch_size": sm} for t, me, _, m, *_rest, sm in TABLE}),
     },
     default_scale="paper",
     confirm_full_train=False,  # the paper itself trains on 40000 and picks the checkpoint on the other 10000

@@ -38,16 +38,18 @@ TABLE = {
         "fisher_trace": (0.01, 0.5, 78.40), "avg_jacobian": (0.01, 2e-5, 74.09)},  # UJ: N/A
 }
 
+CELLS = tuple(
+    implicit_cell(task, method, lr, lam, published={BEST: acc}, source=SOURCE)
+    for task, methods in TABLE.items() for method, (lr, lam, acc) in methods.items()
+)
+
 STUDY = Study(
     name="implicit_main",
     doc="Implicit SGD regularization, main table: SB SGD vs LB SGD (+ GN, FT, AJ, UJ penalties) on CIFAR.",
     paper="Novack et al., Disentangling the Mechanisms Behind Implicit Regularization in SGD, ICLR 2023 "
           "(arXiv:2211.15853), seed README main regularization table",
-    cells=tuple(
-        implicit_cell(task, method, lr, lam, published={BEST: acc}, source=SOURCE)
-        for task, methods in TABLE.items() for method, (lr, lam, acc) in methods.items()
-    ),
-    scales={"paper": PAPER_SCALE, "smoke": smoke_scale()},
+    cells=CELLS,
+    scales={"paper": PAPER_SCALE, "smoke": smoke_scale(CELLS)},
     default_scale="paper",
     confirm_full_train=False,  # the paper itself trains on 40000 and picks the checkpoint on the other 10000
     prepare=preparer("cifar10", "cifar100"),

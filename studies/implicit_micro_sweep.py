@@ -35,20 +35,22 @@ TABLE = (
     ("grad_norm-m2500", "grad_norm", "LB + GN (mb size = 2500)", 0.01, 0.5, 2500, 75.64, 75.36, 24),
 )
 
+CELLS = tuple(
+    implicit_cell(TASK, method, lr, lam, published={BEST: best, FINAL: final}, source=SOURCE,
+                  name=f"{TASK}-{cell}", row=MODELS[TASK], col=col,
+                  fixed={"micro_batch_size": m} if m else None, lr_factor=2.0 if method == "sgd" else 10.0)
+    for cell, method, col, lr, lam, m, best, final, _ in TABLE
+)
+
 STUDY = Study(
     name="implicit_micro_sweep",
     doc="Implicit SGD regularization, micro-batch sweep: VGG-11/CIFAR-10, GN penalty at m = 50, 100, 1000, 2500.",
     paper="Novack et al., Disentangling the Mechanisms Behind Implicit Regularization in SGD, ICLR 2023 "
           "(arXiv:2211.15853), seed README micro-batch sweep table (best and final)",
-    cells=tuple(
-        implicit_cell(TASK, method, lr, lam, published={BEST: best, FINAL: final}, source=SOURCE,
-                      name=f"{TASK}-{cell}", row=MODELS[TASK], col=col,
-                      fixed={"micro_batch_size": m} if m else None, lr_factor=2.0 if method == "sgd" else 10.0)
-        for cell, method, col, lr, lam, m, best, final, _ in TABLE
-    ),
+    cells=CELLS,
     scales={
         "paper": PAPER_SCALE,
-        "smoke": smoke_scale({f"{TASK}-{cell}": {"micro_batch_size": sm} for cell, *_rest, sm in TABLE if sm}),
+        "smoke": smoke_scale(CELLS, {f"{TASK}-{cell}": {"micro_batch_size": sm} for cell, *_rest, sm in TABLE if sm}),
     },
     default_scale="paper",
     confirm_full_train=False,  # the paper itself trains on 40000 and picks the checkpoint on the other 10000

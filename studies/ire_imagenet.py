@@ -76,6 +76,7 @@ CELLS = (
          point={"lr": 1e-3, "weight_decay": 0.05}, published=78.7, source=SOURCE_4, metric="val/accuracy",
          published_config=VIT_RECIPE),
     cell(VIT, "adamw_ire", VIT_COL, space={"lr": ADAM_LR, "weight_decay": WEIGHT_DECAY, **IRE},
+         recipe={"ire_start": VIT_IRE_START},
          point={"lr": 1e-3, "weight_decay": 0.05, **IRE_POINT}, published=79.1, source=SOURCE_4,
          metric="val/accuracy",
          published_config={**VIT_RECIPE, "ire_rank": 0.2, "ire_prog": 2.0, "ire_start": VIT_IRE_START}),
@@ -92,6 +93,7 @@ STUDY = Study(
                            "Train job on 4 GPUs as the seed README's ViT command; ImageNet in "
                            "$REGTUNE_DATA_DIR/imagenet (ImageFolder train/ and val/)"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": 3, "eval_every": 3},
+                       space={c.name: {"ire_start": 0} for c in CELLS if c.method.endswith("_ire")},  # IRE at once
                        doc="CI-sized: a generated 4-class ImageFolder of 32 px crops, narrow ViT, full ResNet-50 "
                            "(one report: its checkpoints are large), 3 steps"),
     },

@@ -31,7 +31,18 @@ warmup length (1000 steps) is ours (not published).
 
 from __future__ import annotations
 
-from studies._ire_common import ADAM_LR, IRE_PAPER, IRE_PROG, IRE_RANK, cell, cell_name, resources, text_prepare
+from regtune.tasks.base import get_task
+from studies._ire_common import (
+    ADAM_LR,
+    IRE_PAPER,
+    IRE_PROG,
+    IRE_RANK,
+    LLM_ADAMW,
+    cell,
+    cell_name,
+    resources,
+    text_prepare,
+)
 from studies.spec import Scale, Study
 
 TASKS = {  # task -> (column, published speed-up, IRE prog of the seed command, batch)
@@ -47,6 +58,8 @@ BASE_2T_ROW = "AdamW, 2T-step schedule: final val loss"
 IRE_ROW = "AdamW-IRE: speed-up over AdamW (x)"
 PAPER_STEPS = {"wikitext103_llama60m": 50_000, "minipile_llama119m": 30_000, "openwebtext_llama229m": 50_000}  # T
 SMOKE_STEPS = 60  # T at the smoke scale
+IRE_START = 1000  # the end of the tasks' lr warmup
+SMOKE_IRE_START = get_task("wikitext103_llama60m").sizes["smoke"]["warmup_steps"]  # the smoke size's warmup end
 
 
 def name_2t(task: str) -> str:
@@ -57,11 +70,12 @@ def _cells(task: str, col: str, published: float, prog: float, batch: int):
     recipe = {"lr": 6e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "max_grad_norm": 1.0, "batch_size": batch}
     two_t = 2 * PAPER_STEPS[task]
     return (
-        cell(task, "adamw", col, space=ADAMW, point={"lr": 6e-4}, metric="val/loss",
+        cell(task, "adamw", col, space=ADAMW, point={"lr": 6e-4}, metric="val/loss", recipe=LLM_ADAMW,
              published_config={**recipe, "steps": PAPER_STEPS[task]}, row=BASE_ROW),
         cell(task, "adamw", col, space={**ADAMW, "steps": two_t}, point={"lr": 6e-4}, metric="val/loss",
-             published_config={**recipe, "steps": two_t}, row=BASE_2T_ROW, name=name_2t(task)),
+             recipe=LLM_ADAMW, published_config={**recipe, "steps": two_t}, row=BASE_2T_ROW, name=name_2t(task)),
         cell(task, "adamw_ire", col, space={**ADAMW, "ire_rank": IRE_RANK, "ire_prog": IRE_PROG},
+             recipe={**LLM_ADAMW, "ire_start": IRE_START},  # IRE from the end of the lr warmup (paper)
              point={"lr": 6e-4, "ire_rank": 0.4, "ire_prog": prog}, published=published, source=SOURCE,
              metric="speedup", published_config={**recipe, "steps": PAPER_STEPS[task], "ire_rank": 0.4,
                                                   "ire_prog": prog, "ire_start": "warmup end"},
@@ -82,7 +96,9 @@ STUDY = Study(
                            "context 1024, 4 trials a cell, each a Ray Train job on 2 GPUs as the paper's torchrun "
                            "commands; tokens made once with `python -m studies prepare CORPUS`"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": SMOKE_STEPS, "eval_every": 12},
-                       space={name_2t(t): {"steps": 2 * SMOKE_STEPS} for t in TASKS}, grace_fraction=1 / 2,
+                       space={**{name_2t(t): {"steps": 2 * SMOKE_STEPS} for t in TASKS},
+                              **{cell_name(t, "adamw_ire"): {"ire_start": SMOKE_IRE_START} for t in TASKS}},
+                       grace_fraction=1 / 2,
                        doc="CI-sized: generated text, a local BPE of 512 tokens, 2-layer LLaMA of width 32, 60 steps "
                            "(the 2T AdamW cells 120)"),
     },

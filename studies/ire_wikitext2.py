@@ -24,7 +24,18 @@ Weight decay (0.1) is not published and not searched.
 
 from __future__ import annotations
 
-from studies._ire_common import ADAM_LR, IRE_PAPER, IRE_PROG, IRE_RANK, cell, cell_name, resources, text_prepare
+from regtune.tasks.base import get_task
+from studies._ire_common import (
+    ADAM_LR,
+    IRE_PAPER,
+    IRE_PROG,
+    IRE_RANK,
+    LLM_ADAMW,
+    cell,
+    cell_name,
+    resources,
+    text_prepare,
+)
 from studies.spec import Scale, Study
 
 TASK = "wikitext2_transformer"
@@ -34,10 +45,12 @@ RECIPE = {"lr": 6e-4, "warmup_steps": 3000, "steps": 100_000, "lr_min_ratio": 0.
 IRE_SETTING = {"ire_rank": 0.01, "ire_prog": 5.0, "ire_prog_decay": True, "ire_start": 3000}
 SPEEDUP = 5.4  # AdamW-IRE reaches AdamW's 100k-step training loss at ~18.5k steps
 
+SMOKE_WARMUP = get_task(TASK).sizes["smoke"]["warmup_steps"]  # IRE from the end of the smoke size's warmup
+
 CELLS = (
     cell(TASK, "adamw", COL, space={"lr": ADAM_LR, "weight_decay": 0.1}, point={"lr": 6e-4},
-         published=3.25, source=SOURCE, metric="train/loss", published_config=RECIPE),
-    cell(TASK, "adamw_ire", COL,
+         published=3.25, source=SOURCE, metric="train/loss", published_config=RECIPE, recipe=LLM_ADAMW),
+    cell(TASK, "adamw_ire", COL, recipe={**LLM_ADAMW, "ire_start": IRE_SETTING["ire_start"]},
          space={"lr": ADAM_LR, "weight_decay": 0.1, "ire_rank": IRE_RANK, "ire_prog": IRE_PROG,
                 "ire_prog_decay": True},
          point={"lr": 6e-4, "ire_rank": 0.01, "ire_prog": 5.0}, published=2.35, source=SOURCE, metric="train/loss",
@@ -55,6 +68,7 @@ STUDY = Study(
                        doc="the paper's budget: 100k steps of batch 32, 8 trials a cell; tokens made once with "
                            "`python -m studies prepare wikitext2`"),
         "smoke": Scale(num_samples=1, fixed={"size": "smoke", "steps": 60, "eval_every": 12}, grace_fraction=1 / 2,
+                       space={cell_name(TASK, "adamw_ire"): {"ire_start": SMOKE_WARMUP}},
                        doc="CI-sized: generated text, word-level tokens, a width-32 model, 60 steps"),
     },
     default_scale="paper",

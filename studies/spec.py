@@ -2,7 +2,7 @@
 
 A ``Study`` lists its ``Cell``s (task x method, each searched by its own Optuna
 and scheduled by its own ASHA; the cells of a stage share one Tune experiment,
-see ``studies.stage``), its ``Scale`` presets (``paper``,
+see ``studies.engine.stage``), its ``Scale`` presets (``paper``,
 ``smoke`` ...), and the published numbers the report prints beside ours.
 Search spaces are ``regtune.space`` domains (or fixed values) that narrow the
 method's defaults; a cell may never invent keys (checked by ``check_study``
@@ -49,8 +49,10 @@ class Cell:
     """One (task, method) experiment of a study.
 
     ``space``: hyperparameter -> domain (searched) or value (fixed), merged over
-    the method's default space. ``points``: configs Optuna evaluates first (the
-    published setting). ``row``/``col``: where the cell sits in the report
+    the method's default space. ``recipe``: the paper's setting, one dict that is
+    both the fixed config (its keys the cell does not search) and Optuna's first
+    point (the keys it searches). ``points``: more configs Optuna evaluates
+    after the recipe's. ``row``/``col``: where the cell sits in the report
     table. ``needs``: names of earlier cells whose stored results this cell
     reads (e.g. ``exter_graft`` reads the ``sgd`` cell's gradient norms).
     ``speedup_baseline``: a cell of the same task; the report gives the IRE
@@ -77,6 +79,9 @@ class Cell:
     speedup_baseline: str = ""
     speedup_metric: str = "val/loss"
     speedup_mode: str = "reach_baseline_final"
+    # the paper's setting of this cell, written once: a key the cell searches is Optuna's first point, every
+    # other key is fixed (below the scale's ``fixed``, as library defaults are); task and method name no recipe
+    recipe: Mapping[str, Any] = field(default_factory=dict)
     group: str = ""  # a comparison study's row group (e.g. the paper a method comes from); "" for the papers' tables
 
 
@@ -97,7 +102,7 @@ class Scale:
     reduction_factor: int = 3
     max_failures: int = 2
     doc: str = ""
-    # the confirm phase (studies.confirm): the top ``confirm_top`` full-budget search configs of each cell re-run
+    # the confirm phase (studies.engine.confirm): the top ``confirm_top`` full-budget search configs of each cell re-run
     # with ``confirm_seeds`` fresh seeds (None: 2 at a scale named "smoke", else 3; 0: no confirm phase)
     confirm_seeds: int | None = None
     confirm_top: int = 1
@@ -175,15 +180,41 @@ def cell_configs(
     sc = study.scales[scale]
     space = cell_space(cell)
     space.update(sc.space.get(cell.name, {}))
-    fixed = {"task": cell.task, **sc.fixed, **(extra or {})}
     searched = {k: v for k, v in space.items() if isinstance(v, (LogUniform, Uniform, IntUniform, Choice))}
+    recipe = {k: v for k, v in cell.recipe.items() if k not in searched}  # the searched keys: the first point
+    fixed = {"task": cell.task, **recipe, **sc.fixed, **(extra or {})}
     fixed.update({k: v for k, v in space.items() if k not in searched})
     known = cell_keys(cell)
-    for k, v in (overrides or {}).items():
-        if k in known:  # a method-specific key applies to the cells whose method has it
-            fixed[k] = v
-            searched.pop(k, None)
+    overrides = {k: v for k, v in (overrides or {}).items() if k in known}  # a method's key: the cells that have it
+    for k, v in overrides.items():
+        fixed[k] = v
+        searched.pop(k, None)
+    for group in getattr(get_method(cell.method), "exclusive", ()):  # a key set replaces the others of its group
+        if any(k in overrides for k in group):  # (e.g. --set ire_start=... over a recipe's ire_start_frac)
+            for k in set(group) - set(overrides):
+                fixed.pop(k, None)
+                searched.pop(k, None)
     return fixed, searched
+
+
+def cell_points(cell: Cell, searched: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The configs Optuna evaluates first: the recipe's searched keys, then ``cell.points``. A point keeps its
+    searched keys (a key fixed at this scale or by ``--set`` is left out); OptunaSearch needs every searched key
+    in a point, so one that lacks any is dropped."""
+    out = []
+    for p in (cell.recipe, *cell.points):
+        q = {k: v for k, v in p.items() if k in searched}
+        if q and set(q) == set(searched) and q not in out:
+            out.append(q)
+    return out
+
+
+def first_config(study: Study, cell: Cell, scale: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The cell's first trial at ``scale``, resolved: its fixed config and its first point (the recipe's searched
+    keys; where no point covers the space, the low corner of each range)."""
+    fixed, searched = cell_configs(study, cell, scale, None, overrides)
+    point = next(iter(cell_points(cell, searched)), None)
+    return resolve_config(cell.method, {**fixed, **(point if point is not None else sample_point(searched)[0])})
 
 
 def cell_keys(cell: Cell) -> set[str]:
@@ -229,6 +260,11 @@ def check_study(study: Study, scale: str, overrides: Mapping[str, Any] | None = 
             resolve_config(cell.method, {**fixed, **corner})
         for point in cell.points:
             resolve_config(cell.method, {**fixed, **point})
+        unknown = set(cell.recipe) - cell_keys(cell)
+        if unknown:
+            raise ValueError(f"cell {cell.name!r}: recipe keys {sorted(unknown)} are not hyperparameters of method "
+                             f"{cell.method!r} on task {cell.task!r}")
+        resolve_config(cell.method, {**fixed, **{k: v for k, v in cell.recipe.items() if k in searched}})
 
 
 def confirm_seeds(study: Study, scale: str) -> int:

@@ -211,22 +211,30 @@ def test_vgg16_bn_is_torchvisions():
 
 # --------------------------------------------------------------------------
 # tasks
-def test_task_defaults_follow_the_paper():
-    sgd = resolve_config("sgd", {"task": "cifar10_resnet18"})
+def test_paper_settings_are_the_studies_recipes():
+    """Each paper's settings are its study's cells' first configs; the tasks name no method."""
+    from studies import get_study
+    from studies.spec import first_config
+
+    def first(study: str, cell: str, scale: str = "paper") -> dict:
+        s = get_study(study)
+        return first_config(s, s.cell(cell), scale)
+
+    sgd = first("implicit_main", "cifar10_resnet18-sgd")
     assert (sgd["batch_size"], sgd["lr"], sgd["momentum"], sgd["weight_decay"], sgd["eval_every"]) == (
         128, 0.1, 0.0, 0.0, 20)
-    pgd = resolve_config("pseudo_gd", {"task": "cifar100_resnet18"})
+    pgd = first("implicit_main", "cifar100_resnet18-pseudo_gd")
     assert (pgd["batch_size"], pgd["micro_batch_size"], pgd["lr"], pgd["steps"]) == (5120, 128, 0.5, 5000)
-    aj = resolve_config("avg_jacobian", {"task": "cifar10_vgg11"})
+    aj = first("implicit_main", "cifar10_vgg11-avg_jacobian")
     assert (aj["lr"], aj["reg_lambda"]) == (0.01, 2e-5)
-    assert resolve_config("ngd", {"task": "cifar100_vgg16"})["lr"] == 0.4322
-    assert resolve_config("sgd", {"task": "cifar10_vgg16"})["lr"] == 0.05
-    smoke_sgd = resolve_config("sgd", {"task": "cifar10_vgg11", "size": "smoke"})
-    smoke_gn = resolve_config("grad_norm", {"task": "cifar10_vgg11", "size": "smoke"})
+    assert first("implicit_grafting", "cifar100_vgg16-ngd")["lr"] == 0.4322
+    assert first("implicit_grafting", "cifar10_vgg16-sgd")["lr"] == 0.05
+    smoke_sgd = first("implicit_main", "cifar10_vgg11-sgd", "smoke")
+    smoke_gn = first("implicit_main", "cifar10_vgg11-grad_norm", "smoke")
     assert smoke_sgd["batch_size"] == smoke_gn["micro_batch_size"] == 8 and smoke_gn["batch_size"] == 32
-    cpr = resolve_config("adamw", {"task": "cifar100_resnet18_cpr"})
+    cpr = first("cpr_cifar100", "adamw")
     assert (cpr["batch_size"], cpr["steps"], cpr["lr_schedule"], cpr["warmup_steps"], cpr["lr_min_ratio"],
-            cpr["label_smoothing"], cpr["padding_mode"], cpr["betas"]) == (
+            cpr["label_smoothing"], cpr["padding_mode"], tuple(cpr["betas"])) == (
         128, 20000, "warmup_cosine", 500, 0.1, 0.1, "reflect", (0.9, 0.98))
     for name in IMPLICIT_TASKS + ("cifar100_resnet18_cpr",):
         assert get_task(name).resources["gpu"] > 0

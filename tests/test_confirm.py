@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from regtune.report_confirm import ONE_SAMPLE, WELCH, compare, pivot, search_trace, summarize, t_quantile
-from studies.confirm import ConfirmPlan, ConfirmSearch, fresh_seeds, settings, top_trials
+from studies.engine.confirm import ConfirmPlan, ConfirmSearch, fresh_seeds, settings, top_trials
 from studies.spec import Published
 
 

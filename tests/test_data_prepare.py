@@ -21,7 +21,7 @@ from regtune.data.imagenet import INDEX, ImageFolderData, prepare_imagenet, writ
 from regtune.data.provenance import GENERATED_FILE
 from regtune.data.text import prepare
 from studies import get_study
-from studies.preflight import missing_lines
+from studies.engine.preflight import missing_lines
 from tests.conftest import ROOT, cli_env, run_cli
 
 
@@ -257,7 +257,7 @@ def test_prepare_imagenet_indexes_a_user_folder_and_the_study_passes(tmp_path):
 
 def _missing_in(data: Path, study: str) -> list[str]:
     proc = subprocess.run([sys.executable, "-c", "import json, sys; from studies import get_study; "
-                           "from studies.preflight import missing_lines; "
+                           "from studies.engine.preflight import missing_lines; "
                            f"print(json.dumps(missing_lines(get_study({study!r}), 'paper')))"],
                           cwd=ROOT, env=cli_env(REGTUNE_DATA_DIR=str(data)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -283,7 +283,7 @@ def test_text_prepare_replaces_a_copy_atomically(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- arguments
 def test_prepare_study_at_smoke_has_nothing_to_do(capsys):
-    from studies.prepare import main
+    from studies.engine.prepare import main
 
     assert main(["--study", "cpr_cifar100", "--scale", "smoke"]) == 0
     assert "generates its own data when it runs: nothing to prepare" in capsys.readouterr().out
@@ -297,7 +297,7 @@ def test_prepare_study_at_smoke_has_nothing_to_do(capsys):
     (["mnist"], "invalid choice: 'mnist'"),
 ])
 def test_prepare_bad_arguments_exit_2(args, message, capsys):
-    from studies.prepare import main
+    from studies.engine.prepare import main
 
     with pytest.raises(SystemExit) as info:
         main(args)

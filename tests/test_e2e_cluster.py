@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from studies.guard import pid_alive, session_processes
+from studies.engine.guard import pid_alive, session_processes
 from tests.conftest import ROOT, cli_env, mlflow_runs, run_cli
 
 EXPERIMENT = "regtune/cpr_grokking"
@@ -174,7 +174,7 @@ def stop_head(head: subprocess.Popen, session: Path | None) -> None:
     """Stop the test's head like a node shutdown: SIGTERM to `ray start --block` (Ray's own handler stops every
     process it started; SIGINT may be ignored in a background job), then wait, by pid and bounded, for each
     process of the head's session - the dashboard that holds the job server's port among them - to exit."""
-    from studies.mlflow_server import process_tree
+    from studies.engine.mlflow_server import process_tree
 
     pids = set(process_tree(head.pid)) | set(session_processes(session) if session else [])
     head.send_signal(signal.SIGTERM)
@@ -245,7 +245,7 @@ def _study_store(tmp_path: Path) -> Path:
     """A study's own embedded store with a parent run, two nested trials and a report, as `studies run` leaves it."""
     from mlflow.tracking import MlflowClient
 
-    from studies.tracking import StudyTracker, default_tracking_uri
+    from studies.engine.tracking import StudyTracker, default_tracking_uri
 
     storage = tmp_path / "results"
     sdir = storage / "cpr_grokking-smoke"
@@ -348,7 +348,7 @@ def test_studies_mlflow_stops_while_its_server_is_still_starting(tmp_path, sig):
 
 def test_studies_mlflow_selects_stores_and_fails_fast(tmp_path):
     from regtune.space import ConfigError
-    from studies.mlflow_server import find_stores
+    from studies.engine.mlflow_server import find_stores
 
     for name in ("cpr_grokking-smoke", "cpr_grokking-laptop", "other-smoke"):
         (tmp_path / name).mkdir()

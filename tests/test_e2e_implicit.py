@@ -40,11 +40,13 @@ def check_common(name: str, sdir, all_trials: pd.DataFrame, curves: pd.DataFrame
     assert (all_trials["steps"] == 4).all() and all_trials["trial_id"].is_unique
     assert trials["final/test/accuracy"].between(0, 1).all() and trials["final/test/accuracy_best"].between(0, 1).all()
     assert set(curves["trial_id"]) == set(all_trials["trial_id"])
-    for n, c in cells.items():  # Optuna's first point is the published eta / lambda (when all of it is searched)
+    for n, c in cells.items():  # Optuna's first point: the recipe's published eta / lambda (the searched keys)
         row = trials[trials["cell"] == n].iloc[0]
-        if set(c.points[0]) <= set(json.loads(row["searched"])):
-            for k, v in c.points[0].items():
-                assert row[f"config/{k}"] == pytest.approx(v), (n, k)
+        searched = json.loads(row["searched"])
+        point = {k: v for k, v in c.recipe.items() if k in searched}
+        assert set(point) == set(searched), (n, point, searched)
+        for k, v in point.items():
+            assert row[f"config/{k}"] == pytest.approx(v), (n, k)
         assert json.loads(row["published/values"]) == {m: p.value for m, p in c.published.items()}
 
     parents, children = mlflow_runs(f"sqlite:///{sdir / 'mlflow.db'}", f"regtune/{name}")

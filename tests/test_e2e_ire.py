@@ -72,7 +72,7 @@ def check_common(name: str, sdir, all_trials: pd.DataFrame, curves: pd.DataFrame
     assert set(curves["trial_id"]) == set(all_trials["trial_id"])
     for c, (_, row) in zip(study.cells, trials.iterrows()):
         searched = json.loads(row["searched"])
-        point = {k: v for k, v in c.points[0].items() if k in searched}
+        point = {k: v for k, v in c.recipe.items() if k in searched}
         assert point and set(point) == set(searched), c.name
         for k, v in point.items():
             assert row[f"config/{k}"] == pytest.approx(v), (c.name, k)

@@ -4,7 +4,7 @@ and configured the AWS way, ``AWS_ENDPOINT_URL``; no client is patched).
 * A smoke study runs with ``--storage s3://bucket/prefix``, its driver is SIGKILLed once Tune has saved a
   restorable state in the bucket, the same command resumes it from the bucket and finishes, and its Parquet
   tables, report and checkpoints are read back from the bucket with pyarrow.
-* The study lease (``studies.s3lease``): one holder; a dead holder on this host is replaced at once, one on
+* The study lease (``studies.engine.s3lease``): one holder; a dead holder on this host is replaced at once, one on
   another host only after its heartbeat is ``ttl`` old; a holder whose lease was taken stops itself.
 * Bad S3 storage is one line: nothing listening at the endpoint (exit 2 before Ray starts), no such bucket.
 """
@@ -192,7 +192,7 @@ def test_unreachable_s3_endpoint_is_one_line_exit_2_before_ray(tmp_path):
 
 def test_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
     from regtune.space import ConfigError
-    from studies import storage
+    from studies.engine import storage
 
     for k, v in {"AWS_ENDPOINT_URL": s3, storage.CACHE_ENV: str(tmp_path / "cache"), **CREDS}.items():
         monkeypatch.setenv(k, v)
@@ -210,8 +210,8 @@ def _dead_pid() -> int:
 
 
 def _lease(url: str, key: str, **kw):
-    from studies.guard import pid_alive
-    from studies.s3lease import Lease
+    from studies.engine.guard import pid_alive
+    from studies.engine.s3lease import Lease
 
     logged: list[str] = []
     kw.setdefault("log", logged.append)
@@ -284,7 +284,7 @@ def _wait_until(cond, timeout: float, what: str) -> None:
 
 def test_lease_ttl_setting_is_checked(monkeypatch):
     from regtune.space import ConfigError
-    from studies.s3lease import TTL_ENV, default_ttl
+    from studies.engine.s3lease import TTL_ENV, default_ttl
 
     monkeypatch.setenv(TTL_ENV, "0.5")
     with pytest.raises(ConfigError, match=r"REGTUNE_LEASE_TTL='0.5' is not allowed: expected seconds between 3"):
@@ -295,7 +295,7 @@ def test_lease_ttl_setting_is_checked(monkeypatch):
 
 def test_storage_values():
     from regtune.space import ConfigError
-    from studies import storage
+    from studies.engine import storage
 
     assert storage.parse("/tmp/x") is None and storage.location("/tmp/x/y") == "/tmp/x/y"
     for bad, msg in [("gs://b/p", "scheme 'gs' is not supported"), ("s3://B_x/p", "is not an S3 bucket name"),
@@ -312,7 +312,7 @@ def test_storage_values():
 def test_mirror_pull_push_and_move_aside(s3, tmp_path, monkeypatch):
     """The driver's local mirror against the bucket: pull leaves checkpoints out and replaces the tune/ cache,
     push uploads, a trial dir set aside locally is moved in the bucket too (checkpoints included)."""
-    from studies import storage
+    from studies.engine import storage
 
     for k, v in {"AWS_ENDPOINT_URL": s3, storage.CACHE_ENV: str(tmp_path / "cache"), **CREDS}.items():
         monkeypatch.setenv(k, v)

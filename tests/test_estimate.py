@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from studies.estimate import asha_rungs, calibrate, expected_asha
+from studies.engine.estimate import asha_rungs, calibrate, expected_asha
 from tests.conftest import run_cli
 
 

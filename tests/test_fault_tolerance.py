@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from regtune.results import read_jsonl
-from studies.guard import DriverLock, session_processes
+from studies.engine.guard import DriverLock, session_processes
 from tests.conftest import ROOT, cli_env, mlflow_runs, run_cli
 
 CURVE_KEYS = ("step", "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr", "best/val/accuracy",
@@ -262,7 +262,7 @@ def test_missing_data_dir_fails_before_ray(tmp_path):
     import ray
 
     from regtune.space import ConfigError
-    from studies.driver import run_study
+    from studies.engine.driver import run_study
     from studies.spec import Cell, Scale, Study
 
     missing = tmp_path / "no-such-data"

@@ -29,7 +29,13 @@ def test_vit_task_defaults_are_the_deit_s_recipe():
     assert c["augment"] == "deit" and (c["randaugment_ops"], c["randaugment_magnitude"]) == (2, 27)
     assert (c["mixup_alpha"], c["cutmix_alpha"], c["mix_switch_prob"]) == (0.8, 1.0, 0.5)
     assert c["random_erasing"] == 0.25 and c["label_smoothing"] == 0.1 and c["drop_path"] == 0.1
-    assert c["batch_size"] == 1024 and c["lr"] == pytest.approx(5e-4 * 1024 / 512) and c["weight_decay"] == 0.05
+    assert c["batch_size"] == 1024
+    from studies import get_study
+    from studies.spec import first_config
+
+    study = get_study("ire_imagenet")  # DeiT's AdamW: the study's recipe (a task names no optimizer)
+    c = first_config(study, study.cell("imagenet_vit_s-adamw"), "paper")
+    assert c["lr"] == pytest.approx(5e-4 * 1024 / 512) and c["weight_decay"] == 0.05
     assert c["steps"] == round(300 * 1_281_167 / 1024) and c["lr_schedule"] == "warmup_cosine"
     assert c["warmup_steps"] == round(30 * 1_281_167 / 1024) and c["lr_min_ratio"] == pytest.approx(1e-5 / 1e-3)
     assert resolve_config("sgd", {"task": "imagenet_resnet50"})["augment"] == "basic"

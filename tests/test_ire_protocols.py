@@ -15,7 +15,7 @@ from regtune.loop import Run
 from regtune.methods import get_method, resolve_config
 from regtune.results import trial_row
 from regtune.space import ConfigError
-from studies.spec import cell_configs, check_study
+from studies.spec import cell_configs, check_study, first_config
 
 
 @pytest.fixture
@@ -33,27 +33,38 @@ def _ire_optimizer(method: str, config: dict):
     return c, get_method(method).build(model, c)[0]
 
 
+def _study_optimizer(study: str, cell: str, overrides: dict | None = None):
+    """The first config of a study's cell (its recipe) and the optimizer it builds."""
+    from studies import get_study
+
+    s = get_study(study)
+    c = first_config(s, s.cell(cell), "paper", overrides)
+    return c, get_method(s.cell(cell).method).build(torch.nn.Linear(3, 2), c)[0]
+
+
 @pytest.mark.parametrize("method", ["sgd_ire", "sam_ire"])
 def test_cifar_ire_starts_at_35_percent_of_the_steps(method):
-    c, opt = _ire_optimizer(method, {"task": "cifar10_resnet56"})
+    c, opt = _study_optimizer("ire_cifar", f"cifar10_resnet56-{method}")  # the IRE paper's Table 1 recipe
     assert c["ire_start"] is None and c["ire_start_frac"] == 0.35
     assert c["steps"] == 200 * 40000 // 128 == 62500  # 200 epochs of the 40000 training images at batch 128
     assert opt.start == ire_start_step(c) == round(0.35 * 62500) == 21875  # epoch 70 of 200
-    c, opt = _ire_optimizer(method, {"task": "cifar100_wrn28_10", "steps": 1000})  # follows the budget
+    c, opt = _study_optimizer("ire_cifar", f"cifar100_wrn28_10-{method}", {"steps": 1000})  # follows the budget
     assert opt.start == 350
     c, opt = _ire_optimizer("adamw_ire", {"task": "cifar100_vit_s", "steps": 10, "ire_start_frac": 0.5})
     assert opt.start == 5
 
 
 def test_absolute_ire_start_still_works_and_both_at_once_is_an_error():
-    c, opt = _ire_optimizer("sgd_ire", {"task": "cifar10_resnet56", "ire_start": 123})
-    assert opt.start == 123 and c["ire_start_frac"] is None  # the user's step replaces the task's default share
+    c, opt = _study_optimizer("ire_cifar", "cifar10_resnet56-sgd_ire", {"ire_start": 123})
+    assert opt.start == 123 and c["ire_start_frac"] is None  # the user's step replaces the recipe's share
     _, opt = _ire_optimizer("adamw_ire", {"task": "grokking"})
-    assert opt.start == 0  # no task default: IRE from the first step, as before
+    assert opt.start == 0  # no setting: IRE from the first step, as before
     _, opt = _ire_optimizer("adamw_ire", {"task": "wikitext103_llama60m"})
-    assert opt.start == 1000  # the task's absolute default (end of warmup) is untouched
-    _, opt = _ire_optimizer("adamw_ire", {"task": "wikitext103_llama60m", "ire_start_frac": 0.1})
-    assert opt.start == 5000  # a share the user sets replaces the task's absolute default
+    assert opt.start == 0  # a task sets no method's hyperparameter: the paper's start is its study's
+    _, opt = _study_optimizer("ire_llama", "wikitext103_llama60m-adamw_ire")
+    assert opt.start == 1000  # the recipe's absolute start (end of warmup)
+    _, opt = _study_optimizer("ire_llama", "wikitext103_llama60m-adamw_ire", {"ire_start_frac": 0.1})
+    assert opt.start == 5000  # a share the user sets replaces the recipe's absolute start
     with pytest.raises(ConfigError, match=r"ire_start=5 and ire_start_frac=0\.2 are both set.*set only one of"):
         resolve_config("sgd_ire", {"task": "cifar10_resnet56", "ire_start": 5, "ire_start_frac": 0.2})
     for bad in (1.0, -0.1):
@@ -70,7 +81,7 @@ def test_ire_cifar_studies_search_the_start_as_a_share_of_the_budget():
             _, searched = cell_configs(study, cell, "paper")
             assert ("ire_start_frac" in searched) == cell.method.endswith("_ire"), cell.name
             if cell.method.endswith("_ire"):
-                assert cell.points[0]["ire_start_frac"] == 0.35
+                assert cell.recipe["ire_start_frac"] == 0.35
                 assert searched["ire_start_frac"].low <= 0.35 <= searched["ire_start_frac"].high
     # a fixed absolute start on the command line with the searched share: refused before anything starts
     with pytest.raises(ConfigError, match="both set"):
@@ -128,8 +139,7 @@ def test_ire_llama_has_a_2t_adamw_cell_per_task_and_measures_the_speedup_against
         assert set(cells) == {f"{task}-adamw", f"{task}-adamw-2T", f"{task}-adamw_ire"}
         steps = {}
         for name, c in cells.items():
-            fixed, searched = cell_configs(STUDY, c, scale)
-            steps[name] = resolve_config(c.method, {**fixed, **c.points[0]})["steps"]
+            steps[name] = first_config(STUDY, c, scale)["steps"]
         t = steps[f"{task}-adamw"]
         assert t == {"paper": {"wikitext103_llama60m": 50_000, "minipile_llama119m": 30_000,
                                "openwebtext_llama229m": 50_000}[task], "smoke": 60}[scale]
@@ -145,8 +155,7 @@ def test_ire_wikitext2_speedup_is_on_the_training_loss_with_ire_from_step_3000()
     ire = STUDY.cell("wikitext2_transformer-adamw_ire")
     assert ire.speedup_metric == "train/loss" and ire.speedup_mode == "reach_baseline_final"
     assert ire.published["speedup"].value == 5.4 and ire.published["train/loss"].value == 2.35
-    fixed, _ = cell_configs(STUDY, ire, "paper")
-    c = resolve_config("adamw_ire", {**fixed, **ire.points[0]})
+    c = first_config(STUDY, ire, "paper")
     assert c["steps"] == 100_000 and c["ire_start"] == 3000 and c["warmup_steps"] == 3000
 
 
@@ -162,9 +171,9 @@ def test_check_study_rejects_an_unknown_speedup_mode():
 def test_paper_size_trains_200_epochs_of_the_training_set_it_uses():
     c = resolve_config("sgd", {"task": "cifar100_resnet56"})
     assert c["epochs"] == 200 and c["n_train"] == 40000 and c["steps"] == 62500
-    full = resolve_config("sgd_ire", {"task": "cifar10_wrn28_10", "n_train": 50000, "n_val": 1})
+    full = resolve_config("sgd_ire", {"task": "cifar10_wrn28_10", "n_train": 50000, "n_val": 1, "ire_start_frac": 0.35})
     assert full["steps"] == 200 * 50000 // 128 == 78125  # all 50000 images (the reference's training set)
-    assert ire_start_step(full) == round(0.35 * 78125)  # IRE's start follows the budget
+    assert ire_start_step(full) == round(0.35 * 78125)  # IRE's start (the study's share) follows the budget
     assert resolve_config("adamw", {"task": "cifar100_vit_t", "batch_size": 100, "epochs": 3})["steps"] == 1200
     assert resolve_config("sgd", {"task": "cifar10_resnet56", "steps": 7})["steps"] == 7  # steps set: it wins
     assert resolve_config("sgd", {"task": "cifar10_resnet56", "size": "smoke"})["steps"] == 4

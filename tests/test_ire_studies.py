@@ -33,7 +33,7 @@ def test_specs_validate_and_points_sit_inside_their_ranges(name):
         check_study(st, scale)
         for c in st.cells:
             _, searched = cell_configs(st, c, scale)
-            for k, v in c.points[0].items():
+            for k, v in c.recipe.items():
                 d = searched.get(k)
                 if isinstance(d, (LogUniform, Uniform, IntUniform)):
                     assert d.low <= v <= d.high, (name, c.name, k, v)
@@ -58,7 +58,7 @@ def test_smoke_scale_overrides_cpr_steps_and_points_drop_fixed_keys():
     st = study("cpr_gpt2")
     ws = st.cell("adamcpr_warm_start")
     fixed, searched = cell_configs(st, ws, "paper")
-    assert searched["kappa_init_param"] == IntUniform(2500, 40000) and ws.points[0]["kappa_init_param"] == 5000
+    assert searched["kappa_init_param"] == IntUniform(2500, 40000) and ws.recipe["kappa_init_param"] == 5000
     fixed, searched = cell_configs(st, ws, "smoke")
     assert fixed["kappa_init_param"] == 12 and set(searched) == {"lr"}
     fixed, _ = cell_configs(st, st.cell("adamcpr_inflection_point"), "smoke")

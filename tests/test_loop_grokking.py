@@ -43,12 +43,18 @@ def test_grokking_model_matches_description():
     assert m(x).shape == (1, 113)
 
 
-def test_paper_defaults_resolve():
-    c = resolve_config("adamcpr", {"task": "grokking"})
-    assert (c["lr"], c["betas"], c["batch_size"], c["steps"]) == (1e-3, (0.9, 0.98), 512, 8000)
+def test_paper_settings_resolve():
+    """The CPR paper's grokking settings are the study's recipes (each cell's first config), not the task's."""
+    from studies import get_study
+    from studies.spec import first_config
+
+    study = get_study("cpr_grokking")
+    c = first_config(study, study.cell("adamcpr"), "paper")
+    assert (c["lr"], tuple(c["betas"]), c["batch_size"], c["steps"]) == (1e-3, (0.9, 0.98), 512, 8000)
     assert (c["kappa_init_method"], c["kappa_init_param"], c["regularize_embedding"]) == ("dependent", 0.8, True)
-    assert resolve_config("adamw", {"task": "grokking"})["weight_decay"] == 0.1
-    assert resolve_config("adam_rescale", {"task": "grokking"})["rescale_alpha"] == 0.8
+    assert first_config(study, study.cell("adamw"), "paper")["weight_decay"] == 0.1
+    assert first_config(study, study.cell("adam_rescale"), "paper")["rescale_alpha"] == 0.8
+    assert resolve_config("adamcpr", {"task": "grokking"})["betas"] != (0.9, 0.98)  # the task alone: generic
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -22,6 +22,7 @@ from regtune.microbatch import (
 )
 from regtune.space import ConfigError
 from regtune.step import StepContext, standard_step
+from studies._cifar import SMOKE_BATCH, SMOKE_SGD  # the implicit studies' smoke batches (a task names no method)
 
 torch.set_num_threads(1)
 C = 4
@@ -255,7 +256,7 @@ def smoke_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", [n for n in NEW_METHODS if n != "exter_graft"])
 def test_short_run_on_smoke_cifar(name, smoke_dir):
     run = Run(name, {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 3,
-                     "eval_every": 3})
+                     "eval_every": 3, **SMOKE_BATCH})
     assert (run.config["batch_size"], run.config["micro_batch_size"]) == (32, 8)
     (report,) = list(run.reports())
     assert report["diverged"] == 0.0 and math.isfinite(report["train/loss"])
@@ -263,14 +264,16 @@ def test_short_run_on_smoke_cifar(name, smoke_dir):
 
 
 def test_exter_graft_run_reads_a_reference_sgd_run(smoke_dir):
-    sgd = Run("sgd", {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 4})
+    sgd = Run("sgd", {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 4, **SMOKE_SGD})
     assert sgd.config["batch_size"] == 8  # the small batch = the smoke micro-batch size
     reference = reference_norms_from_reports(list(sgd.reports()))
     assert sorted(reference) == [0, 2]
-    run = Run("exter_graft", {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 2})
+    run = Run("exter_graft", {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 2,
+                              **SMOKE_BATCH})
     with pytest.raises(ValueError, match="reference_grad_norms"):
         next(iter(run.reports()))
-    run = Run("exter_graft", {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 2})
+    run = Run("exter_graft", {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 2,
+                              **SMOKE_BATCH})
     run.ctx.extras[REFERENCE_KEY] = reference
     (report,) = list(run.reports())
     assert report["grad/graft_norm"] == pytest.approx(reference[0])
@@ -280,7 +283,8 @@ def test_exter_graft_run_reads_a_reference_sgd_run(smoke_dir):
 @pytest.mark.parametrize("name", ["fisher_trace", "iter_graft"])
 def test_resumed_run_matches_an_uninterrupted_one(name, smoke_dir):
     """Method randomness comes from the run's generator, data from (seed, step): a resume is bit-for-bit."""
-    config = {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 4, "eval_every": 2}
+    config = {"task": "cifar10_resnet18", "size": "smoke", "data_dir": smoke_dir, "steps": 4, "eval_every": 2,
+              **SMOKE_BATCH}
     straight = Run(name, config)
     list(straight.reports())
     first = Run(name, config)

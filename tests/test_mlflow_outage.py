@@ -8,7 +8,7 @@ import time
 import pandas as pd
 import pytest
 
-from studies.mlflow_server import server_command, stop, wait_ready
+from studies.engine.mlflow_server import server_command, stop, wait_ready
 from tests.conftest import ROOT, cli_env, run_cli
 from tests.test_preflight import free_port
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from regtune.results import curve_rows, trial_row, write_tables
-from studies.mlflow_sync import backfill
-from studies.tracking import EXPERIMENT_KIND, StudyTracker, default_tracking_uri
+from studies.engine.mlflow_sync import backfill
+from studies.engine.tracking import EXPERIMENT_KIND, StudyTracker, default_tracking_uri
 from tests.conftest import ROOT, cli_env
 from tests.test_preflight import free_port
 

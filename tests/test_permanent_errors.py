@@ -1,5 +1,5 @@
 """A trial that fails on a configuration or data error is not retried and stops its cell; a crash is still
-retried. Local Ray, real Optuna / ASHA and a real sqlite MLflow store (``studies.driver.run_study``)."""
+retried. Local Ray, real Optuna / ASHA and a real sqlite MLflow store (``studies.engine.driver.run_study``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def study_run(tmp_path_factory):
     trains grokking and its process dies once past step 15 (os._exit), which Tune retries from the checkpoint."""
     import ray
 
-    from studies.driver import run_study
+    from studies.engine.driver import run_study
 
     tmp = tmp_path_factory.mktemp("permanent")
     data = write_fake_cifar(tmp / "data", "cifar100", n_train=384, n_test=128)

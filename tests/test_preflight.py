@@ -1,5 +1,5 @@
 """Unreachable services fail fast: an MLflow server or Ray cluster that is not there is one line and exit 2
-before Ray starts or anything is written (studies/preflight_services.py)."""
+before Ray starts or anything is written (studies/engine/preflight_services.py)."""
 
 import socket
 import time
@@ -8,7 +8,7 @@ import pytest
 
 from regtune.space import ConfigError
 from studies.__main__ import main
-from studies.preflight_services import check_ray
+from studies.engine.preflight_services import check_ray
 from tests.conftest import run_cli
 
 

@@ -16,7 +16,7 @@ from regtune.data.synthetic_text import make_smoke_data, write_text_dir
 from regtune.data.text import prepare
 from regtune.report_protocol import accuracy_over_evals_table, data_source_lines
 from regtune.space import ConfigError
-from studies.provenance import cell_data_source, check_paper_data
+from studies.engine.provenance import cell_data_source, check_paper_data
 from tests.conftest import run_cli
 
 
@@ -115,7 +115,7 @@ def test_report_prints_the_best_test_accuracy_over_evaluations_beside_the_final(
 
 
 def test_collect_cell_writes_the_data_source_into_each_trial_row(tmp_path):
-    from studies.driver import collect_cell
+    from studies.engine.driver import collect_cell
 
     write_fake_cifar(tmp_path / "data", "cifar10", n_train=384, n_test=128)
     study = _study("ire_cifar")

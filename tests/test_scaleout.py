@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from studies import get_study
-from studies.driver import _resources
-from studies.scaleout import TRIAL_CPU, default_concurrency, trial_request, worker_request
+from studies.engine.driver import _resources
+from studies.engine.scaleout import TRIAL_CPU, default_concurrency, trial_request, worker_request
 from studies.spec import cell_configs
 
 ROOT = Path(__file__).resolve().parents[1]

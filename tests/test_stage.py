@@ -1,5 +1,5 @@
 """Several cells in one Tune experiment: the stage order, the per-cell searchers and the per-cell ASHA
-(studies/stage.py), with real OptunaSearch / AsyncHyperBandScheduler objects and real Tune trials (no cluster
+(studies/engine/stage.py), with real OptunaSearch / AsyncHyperBandScheduler objects and real Tune trials (no cluster
 needed: the driver-side objects only)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from studies import get_study
+from studies.engine.stage import CellPlan, CellScheduler, CellSearch
 from studies.spec import Cell, Scale, Study, stages
-from studies.stage import CellPlan, CellScheduler, CellSearch
 
 
 def _plan(name: str, *, metric="val/accuracy", mode="max", n=3, points=(), budget=4, grace=1, rf=2, seed=0):

@@ -186,8 +186,10 @@ def test_models_are_causal(data_dir, task):
 @pytest.mark.parametrize("task", TEXT_TASKS)
 def test_tasks_train_through_the_loop(data_dir, task):
     torch.set_num_threads(1)
+    from studies._ire_common import LLM_ADAMW  # the language-model studies' AdamW (a task names no optimizer)
+
     run = Run("adamw", {"task": task, "size": "smoke", "data_dir": str(data_dir), "steps": 40, "eval_every": 20,
-                        "lr": 3e-3, "warmup_steps": 4})
+                        **LLM_ADAMW, "lr": 3e-3, "warmup_steps": 4})
     assert run.config["lr_schedule"] == "warmup_cosine" and run.config["max_grad_norm"] == 1.0
     assert run.config["betas"] == (0.9, 0.95) and run.config["lr_min_ratio"] > 0
     start = run.task.evaluate(run.model, "val")
@@ -230,10 +232,10 @@ def test_gpt2_small_parameter_count_and_task_paper_shapes():
         c = resolve_config("adamw", {"task": task})
         shape = {k: c[k] for k in ("d_model", "n_layers", "n_heads", "d_mlp", "context")}
         assert {**shape, "vocab_size": 50304} == LLAMA_PRESETS[preset]
-        assert c["lr"] == 6e-4 and c["weight_decay"] == 0.1 and c["max_grad_norm"] == 1.0
+        assert c["max_grad_norm"] == 1.0  # lr 6e-4 and weight decay 0.1: the ire_llama study's recipe
     c = resolve_config("adamw", {"task": "wikitext2_transformer"})
     assert (c["d_model"], c["n_layers"], c["n_heads"], c["d_mlp"], c["batch_size"]) == (128, 2, 8, 512, 32)
-    assert (c["steps"], c["warmup_steps"], c["lr_min_ratio"], c["lr"]) == (100_000, 3000, 0.05, 6e-4)
+    assert (c["steps"], c["warmup_steps"], c["lr_min_ratio"]) == (100_000, 3000, 0.05)
     c = resolve_config("adamw", {"task": "openwebtext_gpt2s"})
     assert (c["steps"], c["warmup_steps"]) == (200_000, 5000)
 
@@ -253,12 +255,22 @@ def test_resume_continues_bit_for_bit(data_dir):
     assert got["val/loss"] == want["val/loss"] and got["train/loss"] == want["train/loss"]
 
 
-def test_paper_method_defaults_on_text_tasks():
-    c = resolve_config("adamw_ire", {"task": "wikitext103_llama60m"})
+def test_paper_settings_of_the_text_studies():
+    """The papers' settings are the studies' recipes (a task names no method): each cell's first config."""
+    from studies import get_study
+    from studies.spec import first_config
+
+    llama = get_study("ire_llama")
+    c = first_config(llama, llama.cell("wikitext103_llama60m-adamw_ire"), "paper")
     assert (c["ire_rank"], c["ire_prog"], c["ire_start"]) == (0.4, 3.0, c["warmup_steps"])
-    assert resolve_config("adamw_ire", {"task": "openwebtext_llama229m", "size": "smoke"})["ire_start"] == 6
-    c = resolve_config("adamw_ire", {"task": "wikitext2_transformer"})
-    assert (c["ire_rank"], c["ire_prog"], c["ire_prog_decay"]) == (0.01, 5.0, True)
-    c = resolve_config("adamcpr", {"task": "openwebtext_gpt2s"})
+    assert (c["lr"], tuple(c["betas"]), c["regularize_embedding"], c["weight_decay"]) == (6e-4, (0.9, 0.95), True, 0.1)
+    assert first_config(llama, llama.cell("openwebtext_llama229m-adamw_ire"), "smoke")["ire_start"] == 6
+    wt2 = get_study("ire_wikitext2")
+    c = first_config(wt2, wt2.cell("wikitext2_transformer-adamw_ire"), "paper")
+    assert (c["ire_rank"], c["ire_prog"], c["ire_prog_decay"], c["ire_start"]) == (0.01, 5.0, True, 3000)
+    gpt2 = get_study("cpr_gpt2")
+    c = first_config(gpt2, gpt2.cell("adamcpr_warm_start"), "paper")
     assert (c["kappa_init_method"], c["kappa_init_param"]) == ("warm_start", 5000)
-    assert resolve_config("adamw", {"task": "openwebtext_gpt2s"})["weight_decay"] == 1e-2
+    assert first_config(gpt2, gpt2.cell("adamw"), "paper")["weight_decay"] == 1e-2
+    # the task alone starts IRE nowhere in particular: no paper's setting outside its study
+    assert resolve_config("adamw_ire", {"task": "wikitext103_llama60m"})["ire_start"] is None

@@ -64,14 +64,21 @@ def test_cifar_ire_task_defaults():
                  "cifar100_vit_t", "cifar100_vit_s"):
         task = get_task(name)
         assert task.loop_defaults["steps"] == 62500 and task.loop_defaults["lr_schedule"] == "warmup_cosine"
-        # IRE from 35% of training: epoch 70 of 200 in the reference code
-        assert task.method_defaults["sgd_ire"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-                                                   "ire_start_frac": 0.35}
     from regtune.methods import resolve_config
-    c = resolve_config("sam_adamw", {"task": "cifar100_vit_s"})  # SAM over AdamW: Adam's keys, no momentum
-    assert c["betas"] == (0.9, 0.999) and "momentum" not in c and c["lr"] == 1e-3 and c["label_smoothing"] == 0.1
-    c = resolve_config("sam_ire", {"task": "cifar10_wrn28_10"})  # SAM over SGD: no betas
+    from studies import get_study
+    from studies.spec import first_config
+
+    assert resolve_config("sam_adamw", {"task": "cifar100_vit_s"})["label_smoothing"] == 0.1
+    # the paper's optimizer settings: the studies' recipes (each cell's first config)
+    table1 = get_study("ire_cifar")
+    c = first_config(table1, table1.cell("cifar10_wrn28_10-sgd_ire"), "paper")
+    # IRE from 35% of training: epoch 70 of 200 in the reference code
+    assert (c["lr"], c["momentum"], c["weight_decay"], c["ire_start_frac"]) == (0.1, 0.9, 5e-4, 0.35)
+    c = first_config(table1, table1.cell("cifar10_wrn28_10-sam_ire"), "paper")  # SAM over SGD: no Adam keys
     assert (c["momentum"], c["sam_rho"], c["lr"], c["batch_size"]) == (0.9, 0.05, 0.1, 128) and "betas" not in c
+    table3 = get_study("ire_vit_cifar100")
+    c = first_config(table3, table3.cell("cifar100_vit_s-sam_adamw"), "paper")  # SAM over AdamW: no momentum
+    assert c["betas"] == (0.9, 0.999) and "momentum" not in c and c["lr"] == 1e-3 and c["weight_decay"] == 0.05
     with pytest.raises(ConfigError, match="width"):
         resolve_config("adamw", {"task": "cifar100_vit_t", "width": 0.5})
 
@@ -108,7 +115,7 @@ def test_run_resumes_bit_for_bit(cifar_dir):
 def test_imagenet_task_on_a_generated_folder(tmp_path):
     write_fake_imagenet(tmp_path, num_classes=3, train_per_class=4, val_per_class=2, size=36)
     run = Run("adamw_ire", {"task": "imagenet_vit_s", "size": "smoke", "data_dir": str(tmp_path),
-                            "ire_interval": 1})
+                            "ire_interval": 1, "ire_start": 0})  # IRE at once, as the ire_imagenet smoke scale
     assert run.task.num_classes == 3 and run.config["ire_start"] == 0
     x, y = run.task.train_batch(2)
     # the ViT task's DeiT recipe mixes batches (Mixup / CutMix): targets are class probabilities

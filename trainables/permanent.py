@@ -12,7 +12,7 @@ error. So the trial tells first: ``report`` sends one last result carrying
 ``PERMANENT_KEY`` (the error in one line), then the trial raises as usual. The
 study's scheduler sees that result before the error arrives and drops the
 trial's retries, and its searcher hands out no more trials of that cell
-(``studies.stage``). The trial ends in Tune's ERROR state with its real
+(``studies.engine.stage``). The trial ends in Tune's ERROR state with its real
 traceback in ``error.txt``.
 
 Only trials of a study (their config names a cell) report: a search of one's own
@@ -34,7 +34,7 @@ def is_permanent(error: BaseException) -> bool:
 
 
 def in_study(config) -> bool:
-    """A trial the study driver started (``studies.stage``: its config names its cell)."""
+    """A trial the study driver started (``studies.engine.stage``: its config names its cell)."""
     return bool((config.get("__extras") or {}).get("cell"))
 
 

@@ -39,10 +39,12 @@ def sigterm_outside_finalizers() -> bool:
 
     try:
         import ray
-        from ray._private import worker
     except ImportError:
         return False
-    if worker.global_worker.mode != ray.WORKER_MODE or threading.current_thread() is not threading.main_thread():
+    # a Ray worker process, not a driver (such as the study's), as Ray's own RuntimeContext.get_actor_id tells
+    # them apart; is_initialized first: get_runtime_context would start or join a Ray (ray.init) if none is
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE \
+            or threading.current_thread() is not threading.main_thread():
         return False
     ray_handler = signal.getsignal(signal.SIGTERM)
     if not callable(ray_handler) or getattr(ray_handler, "_regtune", False):

@@ -25,14 +25,14 @@ that dies fails the trial, and Tune's retry resumes it.
 Resources: the Tune trial itself asks for ~0 CPU (the driver's ``_resources``);
 the workers' placement group asks for ``__workers`` = {"num", "cpu", "gpu"} per
 worker, outside Tune's accounting, so the driver bounds the number of
-concurrent trials to what the cluster can place (``studies.scaleout``).
+concurrent trials to what the cluster can place (``studies.engine.scaleout``).
 
 Known issue (seen on a 2-core host shared by several local Ray instances): a
 trial's worker group sometimes cannot start because the previous trial's
 placement group was not released yet (Ray Train's PlacementGroupCleaner could
 not reach Ray's state API there); the start-up then times out (60 s) and, after
 ``CONTROLLER_FAILURES`` tries, the trial fails and Tune retries it. Stages with
-multi-worker trials do not reuse trial processes (``studies.driver.run_stage``).
+multi-worker trials do not reuse trial processes (``studies.engine.driver.run_stage``).
 """
 
 from __future__ import annotations
@@ -64,11 +64,9 @@ def trial_storage_path() -> str:
 
     ``tune.get_context().get_trial_dir()`` is a staging directory in the Ray session, which a restarted
     driver does not see again; the Train run (and its checkpoints) must live where a resume finds them.
-    (Private API of ray 2.60: the trial session's StorageContext.)
+    (``get_storage``: a DeveloperAPI of Ray, the trial session's StorageContext.)
     """
-    from ray.train._internal.session import get_session
-
-    return get_session().storage.trial_fs_path
+    return tune.get_context().get_storage().trial_fs_path
 
 
 def run_trial_dp(method: str, config: Mapping[str, Any]) -> None:

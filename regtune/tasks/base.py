@@ -51,8 +51,8 @@ class Task:
     schedule defaults ...). ``sizes``: named presets (``paper``, ``smoke`` ...)
     that override hparam defaults. ``loop_defaults``: defaults for the loop's
     hyperparameters (``steps``, ``eval_every``, ``lr_schedule`` ...) on this task.
-    ``method_defaults``: per-method-hyperparameter defaults on this task (e.g. the
-    paper's lr), applied before the user's config.
+    A task names no method and sets no method hyperparameter: a paper's optimizer
+    settings are its study's recipe (``studies``), a method's defaults are generic.
     """
 
     name: str
@@ -62,13 +62,9 @@ class Task:
     paper: str = ""
     sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     loop_defaults: Mapping[str, Any] = field(default_factory=dict)
-    method_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     splits: tuple[str, ...] = ("val",)
     metric: str = "val/accuracy"
     mode: str = "max"
-    # size preset -> method name (or "*") -> defaults, applied after method_defaults
-    # (e.g. the smoke preset's smaller batch sizes, which differ between methods)
-    size_method_defaults: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     # what one trial of this task asks the scheduler for, e.g. {"cpu": 2, "gpu": 0.25}
     resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     # resolved config -> the data sets its trials read (regtune.data.check.Need); None: made in memory

@@ -10,11 +10,12 @@ Two papers:
   checkpoint), official test set reported at the end for the last and the best
   checkpoint. Crop (zero padding 4) + flip + normalize. The seed swapped
   validation and test for CIFAR-10; we use one protocol for both datasets.
-  Per-method defaults are the seed README's eta / lambda for each cell.
+  The paper's per-method settings (eta / lambda, batch 5120 in micro-batches of
+  128, the small-batch baseline) are its studies' recipes (``studies/_cifar.py``).
 * CPR (Franke et al., NeurIPS 2024, https://arxiv.org/abs/2311.09058):
   ``cifar100_resnet18_cpr``. Batch 128, 20k steps, 500 warmup steps then
-  cosine to 0.1 x lr, label smoothing 0.1, crop with reflect padding + flip,
-  betas (0.9, 0.98). Where we knowingly differ: the paper trains on all 50000
+  cosine to 0.1 x lr, label smoothing 0.1, crop with reflect padding + flip
+  (the optimizer's settings, e.g. betas (0.9, 0.98), are the study's). Where we knowingly differ: the paper trains on all 50000
   training images; we keep the same 40000/10000 split as above so the best
   checkpoint is chosen on held-out data; ``full_train`` (set by a study's confirm
   phase) trains on all 50000, as the paper does, and the test set is the number to read.
@@ -123,25 +124,10 @@ VGG_HEAD = HParam("vgg_head", "imagenet", "VGG-16 head: torchvision's (the seed'
 
 SMOKE = {"width": 0.0625, "n_train": 256, "n_val": 128, "n_test": 128, "eval_batch_size": 128,
          "steps": 4, "eval_every": 2}
-# smoke: large batch 32 in micro-batches of 8; the small-batch sgd baseline uses batch = micro-batch
-SMOKE_METHODS = {"smoke": {"*": {"batch_size": 32, "micro_batch_size": 8}, "sgd": {"batch_size": 8, "eval_every": 2}}}
 IMPLICIT_LOOP = {"steps": 5000, "eval_every": 100, "lr_schedule": "constant"}
-LARGE_BATCH = ("pseudo_gd", "grad_norm", "fisher_trace", "avg_jacobian", "unit_jacobian",
-               "iter_graft", "exter_graft", "ngd")
 
 
-def implicit_defaults(sgd_lr: float, large: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-method defaults: the seed README's eta / lambda. sgd: batch 128, no momentum / decay,
-    and reports every 20 steps, so its grad/full_norm serves exter_graft over 20-step blocks."""
-    out: dict[str, dict[str, Any]] = {
-        "sgd": {"lr": sgd_lr, "batch_size": 128, "momentum": 0.0, "weight_decay": 0.0, "eval_every": 20}}
-    for name in LARGE_BATCH:
-        out[name] = {"batch_size": 5120, "micro_batch_size": 128, **large.get(name, {})}
-    return out
-
-
-def _implicit_task(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: str,
-                   sgd_lr: float, large: Mapping[str, Mapping[str, Any]]) -> Task:
+def _implicit_task(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: str) -> Task:
     return register_task(Task(
         name=name,
         build=lambda config, device, _k=kind, _m=make_model: CifarInstance(_k, _m, config, device),
@@ -150,40 +136,21 @@ def _implicit_task(name: str, kind: str, make_model, extra: tuple[HParam, ...], 
         paper=IMPLICIT_PAPER,
         sizes={"paper": {}, "smoke": dict(SMOKE)},
         loop_defaults=dict(IMPLICIT_LOOP),
-        method_defaults=implicit_defaults(sgd_lr, large),
-        size_method_defaults=SMOKE_METHODS,
         splits=("val", "test"),
         resources=dict(GPU_RESOURCES),
         data=cifar_data(kind),
     ))
 
 
-def _lr(v: float, lam: float | None = None) -> dict[str, float]:
-    return {"lr": v} if lam is None else {"lr": v, "reg_lambda": lam}
-
-
-_implicit_task(
-    "cifar10_resnet18", "cifar10", _resnet18, (), "CIFAR-10, ResNet-18 (CIFAR stem), 40k/10k split, 5000 steps",
-    0.1, {"pseudo_gd": _lr(0.1), "grad_norm": _lr(0.1, 0.01), "fisher_trace": _lr(0.1, 0.01),
-          "avg_jacobian": _lr(0.1, 1e-3), "unit_jacobian": _lr(0.1, 1e-3), "iter_graft": _lr(0.1),
-          "exter_graft": _lr(0.1), "ngd": _lr(0.2626)})
-_implicit_task(
-    "cifar100_resnet18", "cifar100", _resnet18, (), "CIFAR-100, ResNet-18 (CIFAR stem), 40k/10k split, 5000 steps",
-    0.1, {"pseudo_gd": _lr(0.5), "grad_norm": _lr(0.1, 0.01), "fisher_trace": _lr(0.1, 0.01),
-          "avg_jacobian": _lr(0.1, 5e-5), "unit_jacobian": _lr(0.1, 1e-3), "iter_graft": _lr(0.1),
-          "exter_graft": _lr(0.1), "ngd": _lr(0.3951)})
-# unit_jacobian on VGG-11 is N/A in the paper; its default lr follows the other large-batch cells
-_implicit_task(
-    "cifar10_vgg11", "cifar10", _vgg11, (), "CIFAR-10, VGG-11 without BatchNorm/dropout, 40k/10k split, 5000 steps",
-    0.15, {"pseudo_gd": _lr(0.01), "grad_norm": _lr(0.01, 0.5), "fisher_trace": _lr(0.01, 0.5),
-           "avg_jacobian": _lr(0.01, 2e-5), "unit_jacobian": _lr(0.01), "iter_graft": _lr(0.01),
-           "exter_graft": _lr(0.01), "ngd": _lr(0.01)})
-_implicit_task(
-    "cifar10_vgg16", "cifar10", _vgg16, (VGG_HEAD,), "CIFAR-10, VGG-16-BN (torchvision head), 40k/10k, 5000 steps",
-    0.05, {"pseudo_gd": _lr(0.1), "iter_graft": _lr(0.05), "exter_graft": _lr(0.05), "ngd": _lr(0.2388)})
-_implicit_task(
-    "cifar100_vgg16", "cifar100", _vgg16, (VGG_HEAD,), "CIFAR-100, VGG-16-BN (torchvision head), 40k/10k, 5000 steps",
-    0.1, {"pseudo_gd": _lr(0.1), "iter_graft": _lr(0.1), "exter_graft": _lr(0.1), "ngd": _lr(0.4322)})
+_implicit_task("cifar10_resnet18", "cifar10", _resnet18, (),
+               "CIFAR-10, ResNet-18 (CIFAR stem), 40k/10k split, 5000 steps")
+_implicit_task("cifar100_resnet18", "cifar100", _resnet18, (),
+               "CIFAR-100, ResNet-18 (CIFAR stem), 40k/10k split, 5000 steps")
+_implicit_task("cifar10_vgg11", "cifar10", _vgg11, (),
+               "CIFAR-10, VGG-11 without BatchNorm/dropout, 40k/10k split, 5000 steps")
+_implicit_task("cifar10_vgg16", "cifar10", _vgg16, (VGG_HEAD,), "CIFAR-10, VGG-16-BN (torchvision head), 40k/10k, 5000 steps")
+_implicit_task("cifar100_vgg16", "cifar100", _vgg16, (VGG_HEAD,),
+               "CIFAR-100, VGG-16-BN (torchvision head), 40k/10k, 5000 steps")
 
 
 CIFAR100_RESNET18_CPR = register_task(Task(
@@ -195,12 +162,6 @@ CIFAR100_RESNET18_CPR = register_task(Task(
     sizes={"paper": {}, "smoke": {**SMOKE, "batch_size": 16, "warmup_steps": 1}},
     loop_defaults={"steps": 20000, "eval_every": 500, "lr_schedule": "warmup_cosine", "warmup_steps": 500,
                    "lr_min_ratio": 0.1},
-    method_defaults={
-        "*": {"lr": 1e-3, "betas": (0.9, 0.98)},
-        "adamw": {"weight_decay": 1e-3},
-        "adam_rescale": {"rescale_alpha": 0.8},
-        "adamcpr": {"kappa_init_method": "warm_start", "kappa_init_param": 1000},
-    },
     splits=("val", "test"),
     resources=dict(GPU_RESOURCES),
     data=cifar_data("cifar100"),

@@ -11,14 +11,14 @@ Data: the CIFAR pipeline of ``regtune.data.cifar`` / ``regtune.tasks.cifar``
 checkpoint, the official test set is reported for the last and the best
 checkpoint; random crop with zero padding 4 + horizontal flip + normalization).
 
-Table 1 setup (all methods on the ResNet / WRN tasks): SGD lr 0.1, momentum
-0.9, weight decay 5e-4, batch 128, 200 epochs, cosine schedule to 0, label
-smoothing 0.1; SAM rho 0.05. 200 epochs of 40000 images at batch 128 = 62500 steps.
+Table 1 setup (ResNet / WRN tasks): batch 128, 200 epochs, cosine schedule to 0,
+label smoothing 0.1 (the task's defaults); the optimizer's (SGD lr 0.1, momentum
+0.9, weight decay 5e-4; SAM rho 0.05) is the study's recipe (``studies/ire_cifar.py``).
+200 epochs of 40000 images at batch 128 = 62500 steps.
 
 IRE protocol of the reference code (CV/cifar/cifar.py): IRE starts at epoch
-70 of 200, i.e. 35% of training: every ``*_ire`` method defaults to
-``ire_start_frac`` 0.35 here (an absolute ``ire_start`` replaces it; setting
-both is an error). The reference reports "Best Accuracy", the maximum test
+70 of 200, i.e. 35% of training: the studies set ``ire_start_frac`` 0.35 (an
+absolute ``ire_start`` replaces it; setting both is an error). The reference reports "Best Accuracy", the maximum test
 accuracy over epochs: with ``test_every_eval`` (default on) every report also
 scores the test split, and ``test/accuracy_max`` is the running maximum
 (kept in the checkpoint); ``test/accuracy`` of the last report is the final
@@ -35,10 +35,10 @@ weight decay applies to conv / linear weights only (regtune.optim.groups), not
 to BatchNorm parameters and biases.
 
 ViT tasks (Table 3; 32 px, patch 4): METHODS.md gives the architecture, not the
-optimizer recipe; the defaults here are a common ViT-on-CIFAR AdamW recipe
-(lr 1e-3, betas (0.9, 0.999), weight decay 0.05, 5 warmup epochs then cosine,
-label smoothing 0.1, batch 128, 200 epochs); SAM there is ``sam_adamw`` /
-``sam_adamw_ire`` (an AdamW base). Search or override them per study.
+optimizer recipe; the task's defaults are a common ViT-on-CIFAR schedule (5
+warmup epochs then cosine, label smoothing 0.1, batch 128, 200 epochs), the
+optimizer's (AdamW lr 1e-3, weight decay 0.05; SAM over AdamW: ``sam_adamw``) is the study's
+(``studies/ire_vit_cifar100.py``).
 
 On CUDA the forward runs under bf16 autocast (``autocast_bf16``, default on;
 BatchNorm and the loss stay in float32); on the CPU it is plain float32.
@@ -70,10 +70,6 @@ EPOCH_STEPS = -(-40000 // 128)  # 313 steps per epoch of the 40000 training imag
 PAPER_EPOCHS = 200
 PAPER_STEPS = PAPER_EPOCHS * 40000 // 128  # 200 epochs of the 40000 training images
 
-SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
-SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
-ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05}
-ADAMW_METHODS = ("adamw", "adamw_ire", "adamcpr", "adamcpr_ire")
 CNN_LOOP = {"steps": PAPER_STEPS, "eval_every": 2 * EPOCH_STEPS, "lr_schedule": "warmup_cosine",
             "warmup_steps": 0, "lr_min_ratio": 0.0}
 VIT_LOOP = {**CNN_LOOP, "warmup_steps": 5 * EPOCH_STEPS}
@@ -81,7 +77,6 @@ SMOKE_DATA = {"n_train": 256, "n_val": 128, "n_test": 128, "batch_size": 16, "ev
               "steps": 4, "eval_every": 2}
 
 
-IRE_START_FRAC = 0.35  # the reference code's IRE_start_epoch 70 of 200 epochs
 AUTOCAST = HParam("autocast_bf16", True, "bf16 autocast of the forward on CUDA (ignored on CPU)", kind=bool)
 EPOCHS = HParam("epochs", None, "train this many epochs of the n_train images: steps = ceil(epochs x n_train /"
                 " batch_size), unless the config sets steps itself (null: use steps)", low=0.0, low_open=True,
@@ -158,14 +153,6 @@ def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: 
     hparams = data_hparams(label_smoothing=0.1)
     if vit:  # the channel multiplier means nothing to a ViT; its size keys are vit_*
         hparams = tuple(h for h in hparams if h.name != "width")
-    method_defaults: dict[str, dict[str, Any]] = {m: dict(SGD_DEFAULTS) for m in SGD_METHODS}
-    if vit:
-        method_defaults.update({m: dict(ADAMW_DEFAULTS) for m in ADAMW_METHODS})
-        for m in ("sam_adamw", "sam_adamw_ire"):
-            method_defaults[m] = dict(ADAMW_DEFAULTS)
-    for m, defaults in method_defaults.items():
-        if m.endswith("_ire"):
-            defaults["ire_start_frac"] = IRE_START_FRAC
     return register_task(Task(
         name=name,
         build=lambda config, device, _k=kind, _m=make_model: AutocastCifarInstance(_k, _m, config, device),
@@ -174,7 +161,6 @@ def _register(name: str, kind: str, make_model, extra: tuple[HParam, ...], doc: 
         paper=IRE_PAPER,
         sizes={"paper": {"epochs": PAPER_EPOCHS}, "smoke": {**SMOKE_DATA, **smoke, "epochs": None}},
         loop_defaults=dict(VIT_LOOP if vit else CNN_LOOP),
-        method_defaults=method_defaults,
         splits=("val", "test"),
         resources=dict(GPU_RESOURCES),
         data=cifar_data(kind),

@@ -117,10 +117,4 @@ GROKKING = register_task(Task(
         "smoke": {"modulus": 31, "train_fraction": 0.5, "d_model": 64, "d_mlp": 128, "batch_size": 128},
     },
     loop_defaults={"steps": 8000, "eval_every": 100},
-    method_defaults={
-        "*": {"lr": 1e-3, "betas": (0.9, 0.98), "regularize_embedding": True},
-        "adamw": {"weight_decay": 0.1},
-        "adam_rescale": {"rescale_alpha": 0.8},
-        "adamcpr": {"kappa_init_method": "dependent", "kappa_init_param": 0.8},
-    },
 ))

@@ -9,7 +9,8 @@ the validation set is the reported split (top-1 accuracy, ``val/accuracy``).
 Models: torchvision's ``resnet50(weights=None)``; ViT-S/16 (``regtune.models.vit``).
 
 Defaults (METHODS.md gives the published numbers, the seed README the ViT
-command): ResNet-50 SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 256, 90
+command; the optimizers' settings below are the study's recipe,
+``studies/ire_imagenet.py``): ResNet-50 SGD lr 0.1, momentum 0.9, weight decay 1e-4, batch 256, 90
 epochs, cosine, label smoothing 0.1, torchvision's random-resized crop + flip
 (``augment=basic``). ViT-S/16: the standard DeiT-S recipe (Touvron et al.,
 "Training data-efficient image transformers", arXiv:2012.12877), which a
@@ -150,8 +151,6 @@ VIT_HPARAMS = (
     HParam("vit_heads", 6, "ViT attention heads (must divide vit_dim)", kind=int, low=1),
 )
 SMOKE = {"image_size": 32, "batch_size": 8, "eval_batch_size": 8, "num_workers": 0, "steps": 3, "eval_every": 3}
-SGD_METHODS = ("sgd", "sgd_ire", "sam", "sam_ire")
-ADAMW_METHODS = ("adamw", "adamw_ire", "adamcpr", "adamcpr_ire", "sam_adamw", "sam_adamw_ire")
 
 
 def _data(c: Mapping[str, Any]) -> tuple[Need, ...]:
@@ -171,8 +170,6 @@ register_task(Task(
     sizes={"paper": {}, "smoke": dict(SMOKE)},
     loop_defaults={"steps": _epochs(90, 256), "eval_every": _epochs(1, 256), "lr_schedule": "warmup_cosine",
                    "warmup_steps": 0},
-    method_defaults={m: {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4} for m in SGD_METHODS},
-    size_method_defaults={"smoke": {"*": {"ire_start": 0}}},
     resources=dict(GPU_RESOURCES),
     data=_data,
 ))
@@ -187,14 +184,6 @@ register_task(Task(
     sizes={"paper": {}, "smoke": {**SMOKE, "vit_dim": 32, "vit_depth": 2, "vit_heads": 2, "warmup_steps": 1}},
     loop_defaults={"steps": _epochs(300, 1024), "eval_every": _epochs(1, 1024), "lr_schedule": "warmup_cosine",
                    "warmup_steps": _epochs(30, 1024), "lr_min_ratio": 0.01},  # DeiT's floor: 1e-5 of 1e-3
-    method_defaults={
-        **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05} for m in ADAMW_METHODS},
-        **{m: {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05, "ire_rank": 0.2, "ire_prog": 2.0,
-               "ire_start": _epochs(100, 1024)} for m in ("adamw_ire", "adamcpr_ire")},
-        "sam_adamw_ire": {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05,
-                          "ire_rank": 0.2, "ire_prog": 2.0, "ire_start": _epochs(100, 1024)},
-    },
-    size_method_defaults={"smoke": {"*": {"ire_start": 0}}},
     resources=dict(GPU_RESOURCES),
     data=_data,
 ))

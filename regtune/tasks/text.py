@@ -159,14 +159,13 @@ def _builder(corpus: str, arch: str):
     return build
 
 
-LLM_OPTIM = {"lr": 6e-4, "betas": (0.9, 0.95), "regularize_embedding": True}
 LLM_RESOURCES = {"cpu": 4, "gpu": 1}  # a 60M-229M model at context 1024 wants a whole GPU
 SMALL_RESOURCES = {"cpu": 2, "gpu": 0.25}
 SMOKE_LOOP = {"steps": 60, "eval_every": 20, "warmup_steps": 6, "accum_steps": 2}  # smoke exercises accumulation
 SMOKE_DATA = {"tokenizer": "local-bpe", "context": 32, "batch_size": 8, "eval_batches": 8, "eval_batch_size": 16}
 
 
-def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, accum_steps: int, steps: int, prog: float,
+def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, accum_steps: int, steps: int,
                 doc: str) -> Task:
     shape = LLAMA_PRESETS[preset]
     return register_task(Task(
@@ -184,13 +183,6 @@ def _llama_task(name: str, corpus: str, preset: str, *, batch_size: int, accum_s
         # accum_steps: the paper's per-GPU micro-batch (its --batch_size) x context fits one 80 GB GPU
         loop_defaults={"steps": steps, "eval_every": 1000, "lr_schedule": "warmup_cosine", "warmup_steps": 1000,
                        "lr_min_ratio": 0.05, "max_grad_norm": 1.0, "accum_steps": accum_steps},
-        method_defaults={
-            "*": LLM_OPTIM,
-            "adamw": {"weight_decay": 0.1},
-            # IRE from the end of the lr warmup (paper)
-            "adamw_ire": {"weight_decay": 0.1, "ire_rank": 0.4, "ire_prog": prog, "ire_start": 1000},
-        },
-        size_method_defaults={"smoke": {"adamw_ire": {"ire_start": SMOKE_LOOP["warmup_steps"]}}},
         metric="val/loss",
         mode="min",
         resources=dict(LLM_RESOURCES),
@@ -212,27 +204,19 @@ WIKITEXT2_TRANSFORMER = register_task(Task(
     },
     loop_defaults={"steps": 100_000, "eval_every": 1000, "lr_schedule": "warmup_cosine", "warmup_steps": 3000,
                    "lr_min_ratio": 0.05, "max_grad_norm": 1.0},
-    method_defaults={
-        "*": LLM_OPTIM,
-        "adamw": {"weight_decay": 0.1},
-        # IRE from step 3000, the end of the warmup (the paper's 5.4x run)
-        "adamw_ire": {"weight_decay": 0.1, "ire_rank": 0.01, "ire_prog": 5.0, "ire_prog_decay": True,
-                      "ire_start": 3000},
-    },
-    size_method_defaults={"smoke": {"adamw_ire": {"ire_start": SMOKE_LOOP["warmup_steps"]}}},
     metric="val/loss",
     mode="min",
     resources=dict(SMALL_RESOURCES),
 ))
 
 WIKITEXT103_LLAMA60M = _llama_task(
-    "wikitext103_llama60m", "wikitext103", "llama60m", batch_size=240, accum_steps=6, steps=50_000, prog=3.0,
+    "wikitext103_llama60m", "wikitext103", "llama60m", batch_size=240, accum_steps=6, steps=50_000,
     doc="WikiText-103 (GPT-2 BPE), LLaMA ~60M (59.9M), context 1024, batch 240, 50k steps")
 MINIPILE_LLAMA119M = _llama_task(
-    "minipile_llama119m", "minipile", "llama119m", batch_size=300, accum_steps=20, steps=30_000, prog=4.0,
+    "minipile_llama119m", "minipile", "llama119m", batch_size=300, accum_steps=20, steps=30_000,
     doc="MiniPile (GPT-2 BPE), LLaMA ~119M (119.7M), context 1024, batch 300, 30k steps")
 OPENWEBTEXT_LLAMA229M = _llama_task(
-    "openwebtext_llama229m", "openwebtext", "llama229m", batch_size=480, accum_steps=30, steps=50_000, prog=4.0,
+    "openwebtext_llama229m", "openwebtext", "llama229m", batch_size=480, accum_steps=30, steps=50_000,
     doc="OpenWebText (GPT-2 BPE), LLaMA ~229M (228.3M), context 1024, batch 480, 50k steps")
 
 OPENWEBTEXT_GPT2S = register_task(Task(
@@ -249,12 +233,6 @@ OPENWEBTEXT_GPT2S = register_task(Task(
     },
     loop_defaults={"steps": 200_000, "eval_every": 2000, "lr_schedule": "warmup_cosine", "warmup_steps": 5000,
                    "lr_min_ratio": 0.1, "max_grad_norm": 1.0, "accum_steps": 40},  # 12 sequences a chunk
-    method_defaults={
-        "*": LLM_OPTIM,
-        "adamw": {"weight_decay": 1e-2},
-        "adamcpr": {"kappa_init_method": "warm_start", "kappa_init_param": 5000},
-    },
-    size_method_defaults={"smoke": {"adamcpr": {"kappa_init_param": 2 * SMOKE_LOOP["warmup_steps"]}}},
     metric="val/loss",
     mode="min",
     resources=dict(LLM_RESOURCES),

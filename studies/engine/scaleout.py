@@ -60,7 +60,7 @@ def default_concurrency(footprints: Iterable[tuple[int, Mapping[str, float]]], c
 
 def study_footprints(study, scale: str, overrides, resources_fn, cluster: Mapping[str, Any]):
     """(workers, per-worker request) of every cell of ``study`` at ``scale`` (``resources_fn``: the driver's
-    per-trial request of a cell, ``studies.driver._resources``)."""
+    per-trial request of a cell, ``studies.engine.driver._resources``)."""
     from studies.spec import cell_configs
 
     out = []

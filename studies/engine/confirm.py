@@ -13,7 +13,7 @@ the number to read, as in the papers.
 Confirm trials are ordinary Tune trials of one more stage, ``tune/stage_confirm/``
 (one experiment for every cell: ``ConfirmSearch`` hands out the fixed (config, seed)
 list round-robin over the cells, a FIFO scheduler never stops a trial), so a killed or
-interrupted study resumes them like any stage (``studies.driver.run_stage``), their
+interrupted study resumes them like any stage (``studies.engine.driver.run_stage``), their
 MLflow runs are nested under the study run and tagged ``phase=confirm``, and each
 row of ``trials.parquet`` has ``phase`` (search | confirm), ``config/seed`` and, for a
 confirm row, ``confirms`` (the search trial it re-runs).
@@ -37,8 +37,8 @@ from ray.tune.search import Searcher
 from regtune.report_confirm import search_rows
 from regtune.results import read_tables
 from regtune.tasks.base import get_task
+from studies.engine.stage import CellPlan, RoundRobinSearch
 from studies.spec import Study, confirm_seeds
-from studies.stage import CellPlan, RoundRobinSearch
 
 STAGE = "stage_confirm"
 FULL_TRAIN = "full_train"  # the task key that trains on the whole training set (regtune.tasks.cifar)
@@ -85,7 +85,7 @@ class ConfirmPlan(CellPlan):
 
 def _trial_params(sdir: Path) -> dict[str, dict[str, Any]]:
     """search trial id -> its params.json (exact JSON types: an integer stays an integer)."""
-    from studies.guard import _trial_id
+    from studies.engine.guard import _trial_id
 
     out = {}
     for params_file in sorted((sdir / "tune").glob("stage*/*/params.json")):
@@ -159,7 +159,7 @@ def algorithms(plans: list[ConfirmPlan]) -> tuple[ConfirmSearch, FIFOScheduler]:
 def run_confirm(study: Study, scale: str, sdir: Path, tracker, search_plans: list[CellPlan], exported: list, *,
                 seeds: int, top: int, max_concurrent: int, log: Callable[[str], None]) -> None:
     """Run (or resume) the confirm stage after the search stages were exported, then export again."""
-    from studies.driver import export, run_stage
+    from studies.engine.driver import export, run_stage
 
     trials, _ = read_tables(sdir)
     confirm = plans(study, sdir, search_plans, trials, seeds=seeds, top=top)

@@ -30,6 +30,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from regtune.space import ConfigError
+from studies.engine.ray_internals import UNKNOWN, gcs_answers, recorded_cluster
 
 TIMEOUT = 5.0  # seconds per connect / request
 
@@ -70,9 +71,7 @@ def _gcs(address: str) -> str | None:
 
     def probe() -> None:
         try:
-            from ray._raylet import GcsClient
-
-            GcsClient(address=address).cluster_id  # noqa: B018 - the constructor asks the GCS for its cluster id
+            gcs_answers(address)
             outcome["why"] = None
         except Exception as e:  # noqa: BLE001 - RpcError and friends: reported in one line
             if "auth" in type(e).__name__.lower() or "InvalidAuthToken" in str(e):  # ray.init would fail alike
@@ -118,18 +117,6 @@ def check_mlflow(uri: str | None) -> None:
         )
 
 
-def _recorded_cluster() -> str | None:
-    """The GCS address of the cluster ``ray start`` last started on this machine (Ray's own lookup)."""
-    try:
-        from ray._private.services import find_bootstrap_address
-    except ImportError:  # private API moved: let ray.init decide
-        return "unknown"
-    try:
-        return find_bootstrap_address(None)
-    except Exception:  # noqa: BLE001 - unreadable record: same as none
-        return None
-
-
 def check_ray(address: str | None) -> None:
     """``--address`` (else ``$RAY_ADDRESS``) must name a Ray cluster that answers."""
     flag = "--address"
@@ -139,11 +126,11 @@ def check_ray(address: str | None) -> None:
         return
     allowed = "host:port (the GCS, port 6379 by default), ray://host:port, auto, or local"
     if address == "auto":
-        found = _recorded_cluster()
+        found = recorded_cluster()
         if found is None:
             raise ConfigError(f"{flag} 'auto' found no running Ray cluster on this machine (none recorded by "
                               "`ray start`): start one with `ray start --head`, or leave the address out for a local Ray")
-        if found == "unknown":
+        if found == UNKNOWN:  # Ray's private lookup moved: let ray.init decide
             return
         target, kind = found, "Ray GCS"
     else:

@@ -1,7 +1,7 @@
 """Fail-fast checks and crash safety of the study driver.
 
 * ``check_storage``: ``--storage`` is a local or shared-filesystem path (an
-  NFS/EFS mount on a cluster) or an ``s3://bucket/prefix`` URI (``studies.storage``:
+  NFS/EFS mount on a cluster) or an ``s3://bucket/prefix`` URI (``studies.engine.storage``:
   the study dir is then a local mirror), and the study directory can be
   created and written; else a one-line ``ConfigError`` (exit 2) before Ray starts.
 * ``check_data_dirs``: every ``data_dir`` a cell's fixed config names exists.
@@ -10,7 +10,7 @@
   by SIGKILL; a second driver on the same directory exits with status 2. The file
   records the holder's pid, host and local Ray session, so the next driver can
   stop what a killed one left behind (``stop_stale_ray``). With S3 storage the
-  driver also holds the study's lease in the bucket (``studies.s3lease``).
+  driver also holds the study's lease in the bucket (``studies.engine.s3lease``).
 * ``stop_stale_ray``: a driver that started local Ray and was SIGKILLed leaves
   Ray's agents (and for about a second its trial workers) running. They are
   found by the files they hold open in that Ray session's directory and killed
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from regtune.space import ConfigError
-from studies import storage as storage_io
+from studies.engine import storage as storage_io
 
 LOCK_FILE = "driver.lock"
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -211,11 +211,13 @@ def _read(fd: int) -> dict[str, Any]:
 
 
 def ray_session_dir() -> str | None:
-    """The session directory of the Ray instance this process is connected to (private API: None if it moved)."""
+    """The session directory of the Ray instance this process is connected to (Ray's temp dir / session name;
+    None if it cannot be told)."""
     try:
-        from ray._private import worker
+        import ray
 
-        return worker._global_node.get_session_dir_path()
+        ctx = ray.get_runtime_context()
+        return os.path.join(ctx.get_temp_dir(), ctx.get_session_name())
     except Exception:  # noqa: BLE001 - only used to clean up after a crash; never fail a study over it
         return None
 

@@ -13,7 +13,7 @@ A tracking server that goes away during a study does not stop it: the first
 connection error is reported once (``MLflowLink``), every later MLflow call of
 the study is skipped, and the runs it missed are backfilled from the Parquet
 tables at the end of the study (or of the next ``studies run`` of the same
-study, or by ``studies sync-mlflow``; see ``studies.mlflow_sync``).
+study, or by ``studies sync-mlflow``; see ``studies.engine.mlflow_sync``).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class MLflowLink:
     def probe(self) -> bool:
         """After a loss: is the server back? (``GET /health``; sqlite stores are always there.)"""
         if self.uri.startswith(("http://", "https://")):
-            from studies.preflight_services import _http_get
+            from studies.engine.preflight_services import _http_get
 
             if _http_get(self.uri.rstrip("/") + "/health") is not None:
                 return False
@@ -192,7 +192,7 @@ class StudyTracker:
 
     def sync(self, study_dir: Path | None = None) -> None:
         """Backfill the runs MLflow missed (the server was away) from the study's Parquet tables."""
-        from studies.mlflow_sync import backfill
+        from studies.engine.mlflow_sync import backfill
 
         if self.link.offline and not self.link.probe():
             self.log(f"warning: MLflow at {self.uri} is still unreachable: runs not backfilled{self.link.hint}")

@@ -125,8 +125,8 @@ class CellSearch(RoundRobinSearch):
             sub.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        sub, _ = self._sub(trial_id)
-        if sub is not None and trial_id in sub._ot_trials:
+        sub, _ = self._sub(trial_id)  # a trial this searcher handed out (its cell's Optuna asked for it then)
+        if sub is not None:
             sub.on_trial_complete(trial_id, result=result, error=error)
 
 
@@ -172,13 +172,22 @@ class CellScheduler(FIFOScheduler):
             return FIFOScheduler.CONTINUE
         return self._asha(trial).on_trial_result(tune_controller, trial, result)
 
+    # ASHA forgets a trial once it completed with its metric, and raises KeyError (its bracket lookup, before it
+    # changes anything) for a trial it does not hold: one it already forgot, or one of a restored experiment
+    # (ASHA's rung state is not saved). Such a trial has nothing left to tell ASHA.
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         asha = self._asha(trial)
-        if trial.trial_id in asha._trial_info:
+        try:
             asha.on_trial_complete(tune_controller, trial, result)
+        except KeyError:
+            pass
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self._asha(trial)._trial_info.pop(trial.trial_id, None)
+        asha = self._asha(trial)
+        try:
+            asha.on_trial_remove(tune_controller, trial)
+        except KeyError:
+            pass
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self._asha(trial).on_trial_error(tune_controller, trial)

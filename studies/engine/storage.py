@@ -18,7 +18,7 @@ directory stays the same for both kinds of storage:
   file. Give ``--mlflow-uri`` (an ``mlflow server``) to keep runs beside a study that moves between machines;
   a fresh mirror's store is backfilled from the Parquet tables at the end of a run.
 
-One driver per study: ``studies.s3lease`` (a lease object ``driver.lease`` written with conditional puts).
+One driver per study: ``studies.engine.s3lease`` (a lease object ``driver.lease`` written with conditional puts).
 
 Configuration is the standard AWS environment: ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` (an
 S3-compatible server), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` (or
@@ -293,11 +293,11 @@ def moved(src: str | os.PathLike, dest: str | os.PathLike) -> None:
 
 
 def acquire_lease(sdir: Path, alive, log=print):
-    """The study's lease in the bucket (``studies.s3lease``) when ``sdir`` is mirrored; else None."""
+    """The study's lease in the bucket (``studies.engine.s3lease``) when ``sdir`` is mirrored; else None."""
     found = find(sdir)
     if not found:
         return None
-    from studies.s3lease import Lease
+    from studies.engine.s3lease import Lease
 
     remote, rel = found
     return Lease(client(remote), remote.bucket, remote.key(f"{rel}/{LEASE_FILE}"), alive=alive, log=log).acquire()

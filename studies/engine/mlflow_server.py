@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from regtune.space import ConfigError
-from studies.guard import check_storage_value, pid_alive
-from studies.storage import local_root
-from studies.tracking import experiment_links
+from studies.engine.guard import check_storage_value, pid_alive
+from studies.engine.tracking import experiment_links
+from studies.engine.storage import local_root
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -37,7 +37,7 @@ ARTIFACTS_DIR = "mlartifacts"
 def find_stores(storage: str | os.PathLike, study: str | None = None, scale: str | None = None) -> list[Path]:
     """Study directories under ``storage`` that hold an MLflow store, optionally one study / scale."""
     check_storage_value(storage)
-    root = local_root(storage)  # s3://bucket/prefix: the stores are in its local mirror (studies.storage)
+    root = local_root(storage)  # s3://bucket/prefix: the stores are in its local mirror (studies.engine.storage)
     if not root.is_dir():
         raise ConfigError(f"--storage {str(root)!r} is not a directory: expected where `studies run` wrote its results")
     pattern = f"{study}-{scale}" if study and scale else f"{study}-*" if study else "*"

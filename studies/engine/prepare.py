@@ -77,7 +77,7 @@ def prepare_study(name: str, scale: str | None, *, mirror=None, source=None) -> 
     """Prepare what study ``name`` reads at ``scale``; returns one line per data set that could not be made."""
     from studies import get_study
     from studies.spec import at_scale
-    from studies.preflight import generated, study_needs
+    from studies.engine.preflight import generated, study_needs
     from studies.spec import check_study
 
     study = get_study(name)

@@ -1,18 +1,18 @@
 """The study driver: one Tune experiment per stage of cells (per-cell ASHA + Optuna,
-MLflow; see ``studies.stage``), then Parquet export and the report. All Ray Tune
+MLflow; see ``studies.engine.stage``), then Parquet export and the report. All Ray Tune
 calls of the driver live here.
 
 Layout of a study run (``<storage>/<study>-<scale>/``)::
 
     tune/stage<k>/<cell>_<trial id>/   Ray Tune experiments (restored when run again)
-    tune/stage_confirm/                the confirm phase: the best configs with fresh seeds (studies/confirm.py)
+    tune/stage_confirm/                the confirm phase: the best configs with fresh seeds (studies/engine/confirm.py)
     mlflow.db              the default embedded MLflow store (sqlite)
     mlartifacts/           MLflow artifacts of that store
     trials.parquet         one row per trial
     curves.parquet         one row per report
     report/report.md, report/curves.png, report/search_trace.png
-    driver.lock            held by the running driver (studies/guard.py: one driver per study dir)
-    driver.lease           with s3:// storage: the lease in the bucket (studies/s3lease.py)
+    driver.lock            held by the running driver (studies/engine/guard.py: one driver per study dir)
+    driver.lease           with s3:// storage: the lease in the bucket (studies/engine/s3lease.py)
     tune/.abandoned/       trial dirs of a killed run that the resumed experiment does not own
 
 Running the same command again resumes: finished stages are skipped, an
@@ -21,7 +21,7 @@ finished, running ones continue from their last checkpoint), and MLflow runs
 are reused, never duplicated.
 
 ``--storage s3://bucket/prefix``: the same layout under the URI; the study dir here is then a local
-mirror and ``studies.storage`` moves files between the two (Tune writes to the bucket itself).
+mirror and ``studies.engine.storage`` moves files between the two (Tune writes to the bucket itself).
 """
 
 from __future__ import annotations
@@ -40,17 +40,17 @@ from regtune.report import build_report
 from regtune.results import curve_rows, read_jsonl, read_tables, trial_row, write_tables
 from regtune.space import ConfigError
 from regtune.tasks.base import get_task
-from studies import guard, preflight, provenance, scaleout
-from studies import storage as storage_io
-from studies.preflight_services import check_services
-from studies.spec import Cell, Study, cell_configs, check_study, sample_point, stages
+from studies.engine import guard, preflight, provenance, scaleout
+from studies.engine import storage as storage_io
+from studies.engine.preflight_services import check_services
+from studies.spec import Cell, Study, cell_configs, cell_points, check_study, sample_point, stages
 
 DONE_FILE = "stage_done.json"
 
 
 def study_dir(storage: str | os.PathLike, study: Study, scale: str) -> Path:
     guard.check_storage_value(storage)  # a directory (NFS/EFS on a cluster) or s3://bucket/prefix
-    return storage_io.local_root(storage) / f"{study.name}-{scale}"  # s3://: its local mirror (studies.storage)
+    return storage_io.local_root(storage) / f"{study.name}-{scale}"  # s3://: its local mirror (studies.engine.storage)
 
 
 # --------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
               num_samples: int, seed: int, overrides: Mapping[str, Any] | None = None):
     """The cell's part of its stage's experiment: fixed config, Tune domains, points, metric, ASHA budget."""
     import trainables
-    from studies.stage import CellPlan
+    from studies.engine.stage import CellPlan
 
     sc = study.scales[scale]
     task = get_task(cell.task)
@@ -225,10 +225,7 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
     if workers is not None:  # a Ray Train job per trial (trainables.train_dp): the workers' resources
         fixed["__workers"] = workers
     grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
-    # a point keeps its searched keys (a key fixed at this scale or by --set is left out);
-    # OptunaSearch needs every searched key in a point
-    points = [q for q in ({k: v for k, v in p.items() if k in searched} for p in cell.points)
-              if q and set(q) == set(searched)]
+    points = cell_points(cell, searched)  # the recipe's searched keys first
     return CellPlan(
         name=cell.name, fixed=fixed, searched={k: trainables.to_tune(v) for k, v in searched.items()},
         points=points, metric=task.metric, mode=task.mode, seed=seed + study.cells.index(cell),
@@ -238,7 +235,7 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
 
 
 def _trial_dirname(trial) -> str:
-    from studies.stage import cell_of
+    from studies.engine.stage import cell_of
 
     return f"{cell_of(trial.config)}_{trial.trial_id}"
 
@@ -248,14 +245,14 @@ def run_stage(
     num_samples: int, max_concurrent: int, log: Callable[[str], None], phase: str = "search",
 ) -> None:
     """Run (or resume) the cells of one stage (``plans``: theirs, from ``cell_plan``) as one Tune experiment
-    in ``tune/<name>``. ``phase="confirm"``: ``plans`` are ``studies.confirm.ConfirmPlan``s (fixed configs, no
+    in ``tune/<name>``. ``phase="confirm"``: ``plans`` are ``studies.engine.confirm.ConfirmPlan``s (fixed configs, no
     early stopping)."""
     # a snapshot per checkpoint is what makes a killed driver resumable (num_to_keep): not worth a warning
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
     import trainables
-    from studies.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
+    from studies.engine.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
 
     exp_dir = sdir / "tune" / name
     if (exp_dir / DONE_FILE).exists():
@@ -271,7 +268,7 @@ def run_stage(
     callbacks = [tracker.callback(name, {"study": study.name, "scale": scale, "phase": phase})]
     total = sum(p.num_samples for p in plans)
     if phase == "confirm":
-        from studies.confirm import algorithms
+        from studies.engine.confirm import algorithms
 
         search_alg, scheduler = algorithms(plans)
     else:
@@ -339,9 +336,9 @@ def run_study(
     confirm_top: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run (or resume) every cell of ``study`` at ``scale``, then its confirm phase (``studies.confirm``;
+    """Run (or resume) every cell of ``study`` at ``scale``, then its confirm phase (``studies.engine.confirm``;
     ``confirm_seeds`` 0: none); export Parquet; write the report."""
-    from studies import confirm
+    from studies.engine import confirm
 
     check_study(study, scale, overrides)  # every key and range, before anything is started or written
     check_services(mlflow_uri, address)  # an unreachable MLflow server or Ray cluster: exit 2 within seconds
@@ -350,7 +347,7 @@ def run_study(
     guard.check_data_dirs((c.name, cell_configs(study, c, scale, None, overrides)[0]) for c in study.cells)
     preflight.check_data(study, scale, overrides)  # every data set present and complete, or exit 2 (one line each)
     provenance.check_paper_data(study, scale, overrides)  # paper scale: no generated or too-small data
-    from studies.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
+    from studies.engine.tracking import StudyTracker, default_tracking_uri, ui_command  # MLflow: seconds to import
     guard.check_storage(sdir)  # not writable: exit 2 before Ray starts
     storage_io.check(sdir)  # s3://: the endpoint, the bucket and a probe write, or exit 2 (before Ray starts)
     lock = guard.DriverLock(sdir).acquire()  # one driver per study dir; the kernel frees it if this one dies

@@ -1,7 +1,7 @@
 """Backfill a study's MLflow runs from its Parquet tables (``studies sync-mlflow NAME``, and the end of every
 ``studies run``).
 
-When the tracking server was away during a study (``studies.tracking.MLflowLink``), trials ran without MLflow
+When the tracking server was away during a study (``studies.engine.tracking.MLflowLink``), trials ran without MLflow
 runs, or with runs that stopped mid-way. ``backfill`` makes MLflow agree with ``trials.parquet`` and
 ``curves.parquet``: a trial with no run under the study's parent run (looked up by its ``trial_id`` tag, so a
 second sync adds nothing) gets one, with its config as params, every curve metric at its step, the tags
@@ -25,7 +25,7 @@ BATCH_PARAMS = 100
 
 def _stages(sdir: Path) -> dict[str, str]:
     """trial_id -> its stage experiment (``tune/stage<k>``), from the trial dirs' params.json."""
-    from studies.guard import _trial_id
+    from studies.engine.guard import _trial_id
 
     out = {}
     for params_file in (sdir / "tune").glob("stage*/*/params.json"):
@@ -110,17 +110,17 @@ def sync_main(study_name: str, scale: str | None, storage: str, mlflow_uri: str 
     """``studies sync-mlflow``: backfill one study run's MLflow runs; the study's parent run is reused."""
     from studies import get_study
     from studies.spec import at_scale
-    from studies.driver import study_dir
-    from studies.guard import DriverLock
-    from studies.preflight_services import check_mlflow
-    from studies.storage import pull
-    from studies.tracking import PARENT_FILE, StudyTracker, default_tracking_uri, experiment_url
+    from studies.engine.driver import study_dir
+    from studies.engine.guard import DriverLock
+    from studies.engine.preflight_services import check_mlflow
+    from studies.engine.tracking import PARENT_FILE, StudyTracker, default_tracking_uri, experiment_url
+    from studies.engine.storage import pull
 
     study = get_study(study_name)
     scale = scale or study.default_scale
     study = at_scale(study, scale)
     sdir = study_dir(storage, study, scale)
-    pull(sdir)  # s3:// storage: the tables and trial dirs in the bucket, into the local mirror (studies.storage)
+    pull(sdir)  # s3:// storage: the tables and trial dirs in the bucket, into the local mirror (studies.engine.storage)
     read_tables(sdir)  # no results yet: one line, exit 2
     check_mlflow(mlflow_uri)
     uri = mlflow_uri or default_tracking_uri(sdir)

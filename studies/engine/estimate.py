@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from regtune.space import ConfigError
-from studies.spec import Cell, Study, cell_configs, check_study, sample_point
+from studies.spec import Cell, Study, cell_configs, cell_points, check_study, sample_point
 
 WARMUP_STEPS = 3
 SIMULATIONS = 4000
@@ -147,8 +147,8 @@ class CellEstimate:
 
 def _cell_config(study: Study, cell: Cell, scale: str, extra: Mapping[str, Any], overrides) -> dict[str, Any]:
     fixed, searched = cell_configs(study, cell, scale, extra, overrides)
-    point = next((p for p in cell.points if set(searched) <= set(p)), None)
-    config = {**fixed, **sample_point(searched)[0], **{k: v for k, v in (point or {}).items() if k in searched}}
+    point = next(iter(cell_points(cell, searched)), {})  # the recipe's first point, where it covers the space
+    config = {**fixed, **sample_point(searched)[0], **point}
     return {k: v for k, v in config.items() if not k.startswith("__")}
 
 
@@ -157,16 +157,16 @@ def estimate_study(study: Study, scale: str, *, overrides: Mapping[str, Any] | N
                    num_samples: int | None = None, log: Callable[[str], None] = print) -> list[CellEstimate]:
     """Calibrate every cell and print the cost table; returns the per-cell estimates."""
     from regtune.methods import resolve_config
-    from studies import guard
-    from studies.driver import _resources
+    from studies.engine import guard
+    from studies.engine.driver import _resources
 
     check_study(study, scale, overrides)
-    from studies.preflight import check_data
+    from studies.engine.preflight import check_data
 
     check_data(study, scale, overrides)  # every data set present, or one line each with its prepare command
     sc = study.scales[scale]
     n = num_samples or sc.num_samples
-    from studies.confirm import settings
+    from studies.engine.confirm import settings
 
     seeds, top = settings(study, scale, None, None)
     confirm_runs = seeds * top  # full-budget re-runs of each cell's top configs (no early stopping)
