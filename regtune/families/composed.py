@@ -20,7 +20,6 @@ micro-batch penalties arXiv:2211.15853.
 from __future__ import annotations
 
 from regtune.compose import compose
-from regtune.families import cpr as _cpr  # noqa: F401  (the published records first)
 from regtune.methods import register_method
 from regtune.parts import adam, adamw, cpr, gn_penalty, ire, sam, sgd
 

@@ -30,7 +30,7 @@ mask pass runs on the whole large batch at once.
 from __future__ import annotations
 
 from regtune.compose import compose, extend
-from regtune.methods import Method, register_method
+from regtune.methods import Method, get_method, register_method
 from regtune.parts import (
     IRE_EXCLUSIVE,
     IRE_HPARAMS,
@@ -57,9 +57,9 @@ def with_ire(method: Method | str, *, name: str | None = None, doc: str | None =
     Name: ``<method>_ire`` unless given. Raises ``ValueError`` when the method
     already declares an IRE hyperparameter (e.g. it is IRE-wrapped already).
     """
-    return extend(method, ire(), name=name, paper=paper, family="ire",
-                  doc=doc or f"{method if isinstance(method, str) else method.doc}, with IRE"
-                             " (flat directions amplified by 1 + ire_prog)")
+    record = get_method(method) if isinstance(method, str) else method
+    return extend(record, ire(), name=name, paper=paper, family="ire",
+                  doc=doc or f"{record.doc}, with IRE (flat directions amplified by 1 + ire_prog)")
 
 
 SAM_METHOD = register_method(compose(
