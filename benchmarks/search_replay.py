@@ -42,7 +42,9 @@ class Rung:
     reduction_factor: int = 3
 
     def grace(self, budget: int = BUDGET, every: int = EVERY) -> int:
-        return min(budget, max(every, int(round(budget * self.grace_fraction / every)) * every))
+        from studies.rungs import grace_steps  # the driver's rounding
+
+        return grace_steps(budget, self.grace_fraction, every)
 
     def scheduler(self, with_metric: bool = True):
         from ray.tune.schedulers import AsyncHyperBandScheduler

@@ -121,6 +121,9 @@ def make_report(study: Study, scale: str, sdir: Path) -> list[Path]:
     trials, curves = read_tables(sdir)
     title = f"{study.name} ({scale} scale)"
     notes = f"{study.doc}\n\nPaper: {study.paper}" + (f"\n\n{study.notes}" if study.notes else "")
+    from studies.rungs import rung_note
+
+    notes += "\n\n" + rung_note(study, scale)  # which rung metric and grace the search's ASHA used
     return build_report(trials, curves, sdir / "report", title=title, notes=notes)
 
 
@@ -210,7 +213,9 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
                                                 _cluster())
     if workers is not None:  # a Ray Train job per trial (trainables.train_dp): the workers' resources
         fixed["__workers"] = workers
-    grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
+    from studies.rungs import grace_steps
+
+    grace = grace_steps(budget, sc.grace_fraction, eval_every)
     # a point keeps its searched keys (a key fixed at this scale or by --set is left out);
     # OptunaSearch needs every searched key in a point
     points = [q for q in ({k: v for k, v in p.items() if k in searched} for p in cell.points)
