@@ -74,6 +74,12 @@ def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def missing(cache: dict[str, Any]) -> list[str]:
+    """Pool configurations (and the published point) that ``cache`` lacks."""
+    names = [key(PUBLISHED["lr"], PUBLISHED["kappa_init_param"])] + [key(lr, k) for lr in LRS for k in KAPPAS]
+    return [n for n in names if n not in cache.get("runs", {}) or cache.get("task") != TASK]
+
+
 def build(path: Path, processes: int = 2, budget: int = BUDGET, log=print) -> dict[str, Any]:
     """Train every pool configuration (and the published point) not yet in ``path``; return all curves."""
     cache = load(path)

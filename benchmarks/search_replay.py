@@ -186,7 +186,9 @@ def replay(pool: Pool, search, rung: Rung | None, compute_budget: int, workers: 
     return out
 
 
-def false_stops(pool: Pool, outcome: Outcome, target: float) -> tuple[int, int, int]:
-    """(trials stopped before the budget, of those: reach THRESHOLD by the budget, end within target)."""
+def false_stops(pool: Pool, outcome: Outcome, target: float) -> tuple[int, int, int, int]:
+    """(trials stopped before the budget; of those: reach THRESHOLD by the budget, end within target; trials,
+    stopped or not, whose configuration reaches THRESHOLD by the budget)."""
     stopped = [c for c, step, full in outcome.trials if not full and step < pool.curve(c)["step"][-1]]
-    return (len(stopped), sum(pool.reaches(c) for c in stopped), sum(pool.final(c) >= target for c in stopped))
+    return (len(stopped), sum(pool.reaches(c) for c in stopped), sum(pool.final(c) >= target for c in stopped),
+            sum(pool.reaches(c) for c, _, _ in outcome.trials))
