@@ -17,6 +17,9 @@ trial's first step: the gap a trial slot sits idle between two trials.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import statistics
 import tempfile
 import time
@@ -85,17 +88,51 @@ def table(results: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
+def _children() -> set[int]:
+    me = str(os.getpid())
+    out = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and f.read().rsplit(")", 1)[1].split()[1] == me:
+                    out.add(int(d))
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def _stop(pids: set[int], wait_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL what is left after ``wait_s``; reap them (they are this process's children)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        pids.discard(pid)
+                        continue
+                if not os.path.exists(f"/proc/{pid}"):
+                    pids.discard(pid)
+            time.sleep(0.2)
+
+
 def start_ray(num_cpus: int = 1, tries: int = 3) -> None:
     """A new local Ray of its own (never another session's). Ray waits 30 s, hard-coded, for its raylet: on a
-    loaded machine that can run out, so try again (after shutting down what the failed try started)."""
+    loaded machine that can run out, so try again, after stopping what the failed try started (``ray.shutdown``
+    leaves the failed node's GCS, monitor and dashboard processes running)."""
     import ray
 
     for i in range(tries):
+        before = _children()
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for the raylet timeout
             ray.shutdown()
+            _stop(_children() - before)
             if i == tries - 1 or "timed out during startup" not in str(e):
                 raise
             print(f"Ray start timed out ({e}); trying again", flush=True)
@@ -113,7 +150,6 @@ def run(trials: int = 6) -> str:
 
 
 if __name__ == "__main__":
-    import os
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
