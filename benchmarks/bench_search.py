@@ -72,7 +72,7 @@ def strategies(pool: Pool, rungs):
     out = {"grid (paper-style)": (grid, None), "random": (lambda s: RandomSearch(pool, s), None),
            "TPE": (TPESearch, None)}
     for r in rungs:
-        tag = "" if r is DEFAULT_RUNG else f" [{r.name}]"
+        tag = f" [{r.name}]"
         out[f"ASHA + random{tag}"] = (lambda s: RandomSearch(pool, s), r)
         out[f"ASHA + TPE{tag}"] = (TPESearch, r)
     return out
