@@ -33,9 +33,9 @@ STUDY = Study(
              published_config={"lr": 1e-3, "kappa_init_method": "dependent", "kappa_init_param": 0.8}),
     ),
     scales={
-        # grace 1/3 (issue 12): grokking trials generalize late; with the first rung at 1/8 of the budget, ASHA on
-        # validation accuracy stopped 12-19% of its trials that would have reached 95% (benchmarks/bench_search.py,
-        # recorded curves); with the first rung at 1/3, 0-2%
+        # grace 1/3 (issue 12): grokking trials generalize late. With the first rung at 1/8 of the budget, 12-19% of
+        # the trials ASHA (on validation accuracy) stopped would have reached 95%, about half of all trials that
+        # would (benchmarks/bench_search.py, recorded curves); with the first rung at 1/3, 1 of 107 stopped
         "paper": Scale(num_samples=16, fixed={"size": "paper", "steps": 8000, "eval_every": 100},
                        grace_fraction=1 / 3,
                        doc="the paper's budget: 8000 steps (1000 epochs), batch 512"),
