@@ -81,10 +81,11 @@ def table(results: dict[str, dict[str, list[float]]]) -> str:
     for label, res in results.items():
         lines.append(f"  {label}")
         for name, xs in res.items():
-            rest = xs[1:] if name.startswith("launch") and len(xs) > 1 else xs  # the first trial starts the worker
+            rest = xs[1:] if not name.startswith("last") and len(xs) > 1 else xs  # the first trial starts the worker
             lines.append(f"    {name:48s} {xs[0]:6.2f} {statistics.median(rest):7.2f} {min(rest):6.2f} "
                          f"{max(rest):6.2f}")
-    lines.append("  (median/min/max leave out the first trial's launch rows: it starts the worker process)")
+    lines.append("  (median/min/max leave out the first trial, which starts the worker process and imports torch; "
+                 "the last row has no first trial)")
     return "\n".join(lines)
 
 
