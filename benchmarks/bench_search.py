@@ -15,8 +15,8 @@ ASHA is Ray's own ``AsyncHyperBandScheduler`` configured as ``studies.driver`` c
 the study's default scale: time_attr = step, max_t = budget, metric val/accuracy (max), the scale's grace
 period (a fraction of the budget, rounded to the evaluation interval) and reduction factor (3); two trials at a
 time. Under the rule before issue 12 (grace 1/8), 12-19% of the trials ASHA stopped would have reached 95%
-(about half of all trials that would); the study now uses grace 1/3. Other rung rules (grace 1/2, training loss, validation loss) are
-replayed on the same curves for comparison. The studies also try the published point first (Optuna's
+(about half of all trials that would); the study now uses grace 1/3. Other rung rules (grace 1/2, training
+loss, validation loss) are replayed on the same curves for comparison. The studies also try the published point first (Optuna's
 ``points_to_evaluate``); the replay does not, so every strategy starts from nothing.
 
 Because every stopped trial's full curve is known, the false-stop rate is exact: of the trials ASHA stopped,
