@@ -22,6 +22,10 @@ multiplied by the number of reports, since they hide inside the rows above.
 
     python benchmarks/bench_study_overhead.py [--max-concurrent 1] [--num-samples 2] [--set steps=3000]
     python benchmarks/bench_study_overhead.py --scale laptop --num-samples 0   # the README's main job
+
+Then, per trial (``--trial-overhead N``, ``benchmarks/trial_overhead.py``): on a running local Ray, N grokking smoke
+trials one at a time, with and without ``reuse_actors``: a trial's launch to its first step, and the previous
+trial's last report to the next trial's first step.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ def main() -> None:
     ap.add_argument("--scale", default="smoke")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to `studies run`, e.g. --set steps=3000 for a longer budget")
+    ap.add_argument("--trial-overhead", type=int, default=4, metavar="N",
+                    help="then time N trials one at a time on a running local Ray (benchmarks/trial_overhead.py); 0: skip")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         storage = Path(d)
@@ -177,6 +183,11 @@ def main() -> None:
     print(f"  MLflow logging, sqlite store ({len(trials)} runs, {reports} metric batches): "
           f"{mlflow_cost(reports, len(trials)):.2f} s")
     print(f"  checkpoint writes (torch.save of the full state, {reports} times): {checkpoint_cost(reports):.2f} s")
+    if args.trial_overhead:  # per-trial costs beside the per-study ones above (Ray already up, not counted)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from trial_overhead import run as trial_overhead
+
+        print("\n" + trial_overhead(args.trial_overhead))
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ STUDY = Study(
     cells=CELLS,
     scales={
         "laptop": Scale(num_samples=2, fixed={**LAPTOP_TASK, "steps": 1000, "eval_every": 50}, tasks=(GROK,),
-                        grace_fraction=1 / 5, confirm_seeds=3,
+                        grace_fraction=1 / 3, confirm_seeds=3,  # grace 1/3: benchmarks/bench_search.py (grokking)
                         doc="grokking at p = 23 (70% of the pairs, full batch, width 64), 1000 steps, 2 search trials "
                             "and 3 confirm seeds a cell: ~20-40 min on 2 CPU cores"),
         "paper": Scale(num_samples=16, fixed={"size": "paper"}, tasks=(CIFAR,),

@@ -130,6 +130,9 @@ def make_report(study: Study, scale: str, sdir: Path) -> list[Path]:
     trials, curves = read_tables(sdir)
     title = f"{study.name} ({scale} scale)"
     notes = f"{study.doc}\n\nPaper: {study.paper}" + (f"\n\n{study.notes}" if study.notes else "")
+    from studies.engine.rungs import rung_note
+
+    notes += "\n\n" + rung_note(study, scale)  # which rung metric and grace the search's ASHA used
     paths = build_report(trials, curves, sdir / "report", title=title, notes=notes)
     storage_io.push(*paths)
     return paths
@@ -224,7 +227,9 @@ def cell_plan(study: Study, scale: str, cell: Cell, sdir: Path, *, extra: Mappin
                           "data-parallel trials need a directory (a shared mount on a cluster)")
     if workers is not None:  # a Ray Train job per trial (trainables.train_dp): the workers' resources
         fixed["__workers"] = workers
-    grace = max(eval_every, int(round(budget * sc.grace_fraction / eval_every)) * eval_every)
+    from studies.engine.rungs import grace_steps
+
+    grace = grace_steps(budget, sc.grace_fraction, eval_every)
     points = cell_points(cell, searched)  # the recipe's searched keys first
     return CellPlan(
         name=cell.name, fixed=fixed, searched={k: trainables.to_tune(v) for k, v in searched.items()},
