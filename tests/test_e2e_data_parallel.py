@@ -4,7 +4,7 @@ with every worker restored from rank 0's checkpoint.
 
 Every trial ends with Tune stopping it (ASHA at max_t) while its Train run may still be shutting down: the
 next trial's workers can only start because the placement group such a stop leaves reserved is released
-(``trainables.train_groups``; without it this test hangs at the second trial).
+(``trainables.train_groups``; without it the second trial's worker-group start times out again and again).
 
 Cost: 3 trials of 150 steps (search only: no confirm phase), each a Ray Train job whose worker group takes
 ~10-60 s to start, in two driver runs. The curves are checked against the same configs trained in this
@@ -68,6 +68,10 @@ def test_two_worker_study_runs_and_resumes_after_driver_kill(tmp_path):
     assert second.wait(900) == 0, second.output()[-3000:]
     out2 = second.output()
     assert "[stage1] resuming the interrupted experiment" in out2
+    # every worker group found its CPUs: none waited out Ray Train's start-up timeout (a group left reserved by
+    # a stopped trial would make the next one wait for it)
+    stuck = [line for line in (out1 + out2).splitlines() if "worker group startup timed out" in line]
+    assert not stuck, stuck[:3]
     resumed = {int(m) for m in re.findall(r"resumed at step (\d+) on 2 workers", out2)}
     assert resumed and resumed <= {50, 100}, out2[-3000:]  # from a checkpoint, not from 0, not after the end
 
