@@ -27,12 +27,14 @@ the workers' placement group asks for ``__workers`` = {"num", "cpu", "gpu"} per
 worker, outside Tune's accounting, so the driver bounds the number of
 concurrent trials to what the cluster can place (``studies.engine.scaleout``).
 
-Known issue (seen on a 2-core host shared by several local Ray instances): a
-trial's worker group sometimes cannot start because the previous trial's
-placement group was not released yet (Ray Train's PlacementGroupCleaner could
-not reach Ray's state API there); the start-up then times out (60 s) and, after
-``CONTROLLER_FAILURES`` tries, the trial fails and Tune retries it. Stages with
-multi-worker trials do not reuse trial processes (``studies.engine.driver.run_stage``).
+Stopped trials: Tune stops a trial as soon as ASHA says so (at every trial's
+last report, at ``max_t``, too), which kills the trial's Train controller before
+it has removed its workers' placement group; Ray keeps such a group until the
+driver's job ends, and the next trial's workers would never fit. Each trial
+releases the groups (and Ray Train's orphaned ``PlacementGroupCleaner`` actors)
+that stopped trials of its job left behind, before and while its own Train run
+starts and runs (``trainables.ray_internals``). Stages with multi-worker trials do
+not reuse trial processes (``studies.engine.driver.run_stage``).
 """
 
 from __future__ import annotations
@@ -100,7 +102,10 @@ def run_trial_dp(method: str, config: Mapping[str, Any]) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+    from trainables.ray_internals import Reaper
+
+    with Reaper():  # a group that a stopped trial's controller left reserved is released within seconds
+        trainer.fit()
 
 
 def _worker_loop(loop_config: dict) -> None:

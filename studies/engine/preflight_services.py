@@ -30,7 +30,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from regtune.space import ConfigError
-from studies.engine.ray_internals import UNKNOWN, gcs_answers, recorded_cluster
+from trainables.ray_internals import UNKNOWN, gcs_answers, recorded_cluster
 
 TIMEOUT = 5.0  # seconds per connect / request
 

@@ -1,0 +1,184 @@
+"""The only place regtune touches Ray's private internals (checked against ray 2.60.0).
+
+Ray has no public API for the three things below; each is wrapped here, in one small function, so that a Ray
+upgrade that moves them breaks one file, and each degrades to "let Ray decide" when the private name is gone
+(an ``ImportError`` or an unexpected error is reported as "unknown", never as a study failure).
+
+* ``gcs_answers`` uses ``ray._raylet.GcsClient``: the preflight check (``studies.engine.preflight_services``)
+  must tell "nothing at host:port", "something that is not a Ray GCS" and "a GCS that refuses this process's
+  token" apart within seconds and *before* ``ray.init``, which would wait a minute and then fail with a long
+  traceback. ``ray.init`` and the state API connect too (and start things); only the GCS client just asks.
+* ``recorded_cluster`` uses ``ray._private.services.find_bootstrap_address``: ``--address auto`` means "the
+  cluster ``ray start`` last started here", and this is Ray's own lookup of that record; reimplementing it
+  would copy Ray's file layout (``/tmp/ray/ray_current_cluster``) and its liveness rules instead.
+* ``release`` / ``Reaper`` read the GCS tables through ``ray._private.state`` (and ``ray._raylet`` ids): the
+  placement groups a stopped multi-worker trial leaves reserved (below, "Placement groups").
+
+Everything else the engine and the trainables need from Ray is public: the driver's Ray session directory is
+``ray.get_runtime_context().get_temp_dir()`` joined with ``get_session_name()`` (``studies.engine.guard``), a
+trial's storage directory is ``tune.get_context().get_storage()`` (a DeveloperAPI; ``trainables.train_dp``),
+and whether a process is a Ray worker is ``ray.get_runtime_context().worker.mode`` (``trainables.quiet``).
+The stage searcher and scheduler (``studies.engine.stage``) keep their own books instead of reading
+``OptunaSearch._ot_trials`` or ``AsyncHyperBandScheduler._trial_info``.
+
+Placement groups: Release what a Ray Train run leaves behind when Tune stops its trial before the run has shut down.
+
+Why: a multi-worker trial (``trainables.train_dp``) runs a Ray Train controller actor inside the Tune trial;
+the controller creates the workers' placement group. When Tune stops the trial while the Train run is still
+running or finishing (ASHA stops every trial at ``max_t`` on its last report, earlier rungs stop the losers,
+a failed trial is torn down before its retry), the trial's actor exits and the controller dies with it
+(its owner died), before the controller has removed the placement group. Ray Core removes a non-detached
+placement group only when its creator actor AND its creator job are both dead (ray-project/ray#65881), so the
+group keeps its CPUs/GPUs reserved for as long as the study driver runs. The next trial's worker group then
+never fits: Ray Train's worker-group start times out (60 s) and retries, the trial fails, Tune retries it, and
+the study hangs. Ray Train's own ``PlacementGroupCleaner`` (a detached actor per Train run) is meant to catch
+this, but it asks the Ray state API whether the controller is alive: a local Ray started without the
+dashboard has no state API (the cleaner warns every second and never cleans up), and on a host with several
+Ray instances the state API address cannot be resolved (its monitor thread dies with a ConnectionError) - the
+cleaner then stays alive, a Python process, for as long as the cluster runs.
+
+What: ``release()`` reads the GCS tables (no dashboard needed) and removes, for the caller's own Ray job only,
+every placement group whose creator actor is dead (never one created by the driver: Tune's trial groups have
+no creator actor), and stops the ``PlacementGroupCleaner`` actors (on this node) whose Train controller is gone.
+``Reaper`` does this in a thread of the Tune trial while its Train run starts and runs, so a group leaked
+by one trial is released within seconds, well inside the next worker group's start timeout.
+(Private API of ray 2.60: the GCS accessor of ``ray._private.state`` and the tables' protobufs.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+UNKNOWN = "unknown"
+
+
+def gcs_answers(address: str) -> None:
+    """Return if a Ray GCS at ``host:port`` answers with its cluster id; raise what Ray's client raised otherwise
+    (an ``RpcError``, an authentication error ...). ``ImportError``: the private client moved (caller decides)."""
+    from ray._raylet import GcsClient
+
+    GcsClient(address=address).cluster_id  # noqa: B018 - the constructor asks the GCS for its cluster id
+
+
+def recorded_cluster() -> str | None:
+    """The GCS address of the cluster ``ray start`` last started on this machine (Ray's own lookup); None if
+    none is recorded, ``UNKNOWN`` if Ray's private lookup is not there any more (then ``ray.init`` decides)."""
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:
+        return UNKNOWN
+    try:
+        return find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - unreadable record: same as none
+        return None
+
+
+# --------------------------------------------------------------------------
+# placement groups a stopped Ray Train run leaves behind
+REAP_INTERVAL_S = 2.0
+CLEANER_CLASS = "PlacementGroupCleaner"  # ray.train.v2._internal.execution.controller.placement_group_cleaner
+
+
+def _accessor():
+    from ray._private.state import state
+
+    return state._connect_and_get_accessor()
+
+
+def stale_groups(job_hex: str | None = None) -> list:
+    """Placement groups (GCS ``PlacementGroupTableData``) of this Ray job that are not removed, not detached,
+    and whose creator actor is dead: nothing can use them any more, and Ray keeps them until the job ends."""
+    import ray
+    from ray._raylet import ActorID, JobID
+    from ray.core.generated import gcs_pb2
+
+    job_hex = job_hex or ray.get_runtime_context().get_job_id()
+    out = []
+    for raw in _accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
+            continue
+        if JobID(pg.creator_job_id).hex() != job_hex:
+            continue
+        if not pg.creator_actor_id or ActorID(pg.creator_actor_id).is_nil() or not pg.creator_actor_dead:
+            continue  # created by the driver (Tune's trial groups), or its creator still runs
+        out.append(pg)
+    return out
+
+
+def orphan_cleaners(job_hex: str | None = None) -> list:
+    """Live ``PlacementGroupCleaner`` actors (GCS ``ActorTableData``) of this job whose owner, the Train
+    controller that started them, is no longer a live actor (a controller that shuts down cleanly stops its
+    cleaner itself)."""
+    import ray
+    from ray._raylet import JobID
+    from ray.core.generated import gcs_pb2
+
+    job_hex = job_hex or ray.get_runtime_context().get_job_id()
+    alive = [gcs_pb2.ActorTableData.FromString(raw) for raw in _accessor().get_actor_table(None, "ALIVE")]
+    workers = {a.address.worker_id for a in alive}
+    return [a for a in alive if a.class_name == CLEANER_CLASS and JobID(a.job_id).hex() == job_hex
+            and a.owner_address.worker_id not in workers]
+
+
+def release(log: Callable[[str], None] | None = None) -> list[str]:
+    """Remove this job's stale placement groups and kill its orphaned cleaners; returns what was released."""
+    import ray
+    from ray._raylet import NodeID, PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    done = []
+    for pg in stale_groups():
+        pid = PlacementGroupID(pg.placement_group_id)
+        bundles = [dict(b.unit_resources) for b in pg.bundles]
+        try:
+            remove_placement_group(PlacementGroup(pid))
+        except Exception as e:  # noqa: BLE001 - removed meanwhile (another trial's reaper); the next pass sees it
+            if log:
+                log(f"[train_dp] could not remove placement group {pid.hex()}: {type(e).__name__}: {e}")
+            continue
+        done.append(f"placement group {pid.hex()} {bundles}")
+    node = ray.get_runtime_context().get_node_id()
+    for actor in orphan_cleaners():
+        # no handle to an anonymous detached actor can be had here (ray.kill needs one): stop its worker
+        # process, which Ray's cleaners always have on the head node - the local machine's only node
+        if NodeID(actor.address.node_id).hex() != node or not actor.pid:
+            continue
+        try:
+            os.kill(actor.pid, signal.SIGTERM)
+        except OSError:  # exited meanwhile, or not ours to stop
+            continue
+        done.append(f"{CLEANER_CLASS} actor {actor.actor_id.hex()} (pid {actor.pid})")
+    if log:
+        for what in done:
+            log(f"[train_dp] released the {what} left by a stopped trial's Train run")
+    return done
+
+
+class Reaper:
+    """``release()`` now and then every ``interval`` seconds in a daemon thread, until ``stop()``."""
+
+    def __init__(self, log: Callable[[str], None] | None = print, interval: float = REAP_INTERVAL_S):
+        self.log, self.interval = log, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="regtune-train-reaper", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                release(self.log)
+            except Exception as e:  # noqa: BLE001 - GCS busy or shutting down: try again next time
+                if self.log:
+                    self.log(f"[train_dp] reaper: {type(e).__name__}: {e}")
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Reaper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
