@@ -15,13 +15,12 @@ Without confirm runs (the confirm phase off) the cell's best search trial stands
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import pandas as pd
 
-from regtune.report_confirm import compare, confirm_rows, search_rows
+from regtune.report_confirm import _config_text, compare, confirm_rows, search_rows
 
 REFERENCE = "adamw"
 
@@ -37,18 +36,6 @@ def _mean_std(values: list[float], fmt: str) -> str:
     if v.n < 2:
         return format(v.mean, fmt)
     return f"{format(v.mean, fmt)} ± {format(v.std, fmt)}"
-
-
-def _config(row: pd.Series | None) -> str:
-    if row is None:
-        return "-"
-    parts = []
-    for k in json.loads(row.get("searched", "[]") or "[]"):
-        v = row.get(f"config/{k}")
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue
-        parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
-    return ", ".join(parts) or "-"
 
 
 def _seconds_per_step(rows: pd.DataFrame) -> float:
@@ -109,7 +96,7 @@ def comparison_table(trials: pd.DataFrame, reference: str = REFERENCE) -> str:
             if thr:
                 row += [_mean_std(e["reached"], ".0f") if e["reached"] else "never", f"{len(e['reached'])}/{e['runs']}"]
             cost = e["sec_per_step"] / ref if ref and not math.isnan(ref) and not math.isnan(e["sec_per_step"]) else math.nan
-            row += ["-" if math.isnan(cost) else f"{cost:.2f}x", _config(e["config"])]
+            row += ["-" if math.isnan(cost) else f"{cost:.2f}x", _config_text(e["config"])]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
