@@ -99,21 +99,31 @@ def session_processes(session_dir: str | os.PathLike) -> list[int]:
     return sorted(found)
 
 
-def stop_stale_ray(session_dir: str | os.PathLike, grace: float = 3.0) -> list[int]:
-    """SIGTERM, then SIGKILL, every leftover process of a dead driver's local Ray session."""
-    pids = session_processes(session_dir)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def terminate(pids: list[int], waits: tuple[float, float] = (3.0, 3.0),
+              also: Callable[[int], None] = lambda sig: None, reap: Callable[[], None] = lambda: None) -> list[int]:
+    """SIGTERM ``pids``, SIGKILL what is left after ``waits[0]`` seconds, wait at most ``waits[1]`` more; return the
+    pids still alive then. ``also(sig)`` signals more (e.g. a process group) with each signal; ``reap()`` collects
+    our own exited children while waiting (a zombie child counts as alive until it is reaped)."""
+    for sig, wait in zip((signal.SIGTERM, signal.SIGKILL), waits):
+        also(sig)
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
-            time.sleep(0.1)
-        pids = [p for p in pids if pid_alive(p)]
-        if not pids:
-            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            reap()
+            pids = [p for p in pids if pid_alive(p)]
+            if not pids:
+                return []
+            time.sleep(0.05)
+    return pids
+
+
+def stop_stale_ray(session_dir: str | os.PathLike, grace: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every leftover process of a dead driver's local Ray session."""
+    terminate(session_processes(session_dir), (grace, grace))
     return session_processes(session_dir)
 
 

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from regtune.space import ConfigError
-from studies.engine.guard import check_storage_value, pid_alive
-from studies.engine.tracking import experiment_links
+from studies.engine.guard import check_storage_value, terminate
 from studies.engine.storage import local_root
+from studies.engine.tracking import experiment_links
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -117,27 +117,20 @@ def stop(procs: list[subprocess.Popen], grace: float = 5.0, kill_wait: float = 3
     SIGKILL to what is left after ``grace`` seconds; wait (by pid, at most ``kill_wait`` more seconds) until
     they are gone. Returns the pids still alive then (none expected)."""
     pids = sorted({q for p in procs if p.poll() is None for q in process_tree(p.pid)})
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+
+    def group(sig: int) -> None:
         for p in procs:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, sig)
                 except (ProcessLookupError, PermissionError):
                     pass
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            for p in procs:
-                p.poll()  # reap the servers (our children)
-            pids = [q for q in pids if pid_alive(q)]
-            if not pids:
-                return []
-            time.sleep(0.05)
-    return pids
+
+    def reap() -> None:
+        for p in procs:
+            p.poll()  # reap the servers (our children)
+
+    return terminate(pids, (grace, kill_wait), also=group, reap=reap)
 
 
 def serve(storage: str | os.PathLike, study: str | None = None, scale: str | None = None, *,

@@ -109,12 +109,12 @@ def sync_main(study_name: str, scale: str | None, storage: str, mlflow_uri: str 
               log=print) -> int:
     """``studies sync-mlflow``: backfill one study run's MLflow runs; the study's parent run is reused."""
     from studies import get_study
-    from studies.spec import at_scale
     from studies.engine.driver import study_dir
     from studies.engine.guard import DriverLock
     from studies.engine.preflight_services import check_mlflow
-    from studies.engine.tracking import PARENT_FILE, StudyTracker, default_tracking_uri, experiment_url
     from studies.engine.storage import pull
+    from studies.engine.tracking import PARENT_FILE, StudyTracker, default_tracking_uri, experiment_url
+    from studies.spec import at_scale
 
     study = get_study(study_name)
     scale = scale or study.default_scale

@@ -76,9 +76,8 @@ def prepare_need(need: Need, *, mirror=None, source=None) -> None:
 def prepare_study(name: str, scale: str | None, *, mirror=None, source=None) -> list[str]:
     """Prepare what study ``name`` reads at ``scale``; returns one line per data set that could not be made."""
     from studies import get_study
-    from studies.spec import at_scale
     from studies.engine.preflight import generated, study_needs
-    from studies.spec import check_study
+    from studies.spec import at_scale, check_study
 
     study = get_study(name)
     scale = scale or study.default_scale
