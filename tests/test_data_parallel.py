@@ -9,11 +9,6 @@ shares are uneven (13 examples: 7 + 6; 3 micro-batches of 8, 8, 4: 2 + 1), which
 
 from __future__ import annotations
 
-import datetime
-import os
-import queue
-import traceback
-
 import numpy as np
 import pytest
 import torch
@@ -24,6 +19,7 @@ from regtune.distributed import DataParallel
 from regtune.loop import Run
 from regtune.space import ConfigError, HParam
 from regtune.tasks.base import Task, evaluate_batches, get_task, register_task
+from tests.dp_pool import worker_pool
 
 WORLD = 2
 STEPS = 5
@@ -108,64 +104,15 @@ def train(case: str, dp: DataParallel) -> dict:
 
 
 # ---------------------------------------------------------------------- the worker pool (one process group)
-def _worker(rank: int, init_file: str, jobs, results) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
+def dp_setup() -> None:
+    """Run in each worker process before its first case (tests.dp_pool)."""
     _register()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    dp = DataParallel.from_torch()
-    try:
-        while (case := jobs.get()) is not None:
-            try:
-                results.put((rank, case, train(case, dp), None))
-            except Exception:  # noqa: BLE001 - reported to the test
-                results.put((rank, case, None, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    ctx = torch.multiprocessing.get_context("spawn")
-    init_file = str(tmp_path_factory.mktemp("dp") / "init")
-    jobs = [ctx.Queue() for _ in range(WORLD)]
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, init_file, jobs[r], results), daemon=True) for r in range(WORLD)]
-    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-    def run_case(case: str) -> list[dict]:
-        for q in jobs:
-            q.put(case)
-        out: dict[int, dict] = {}
-        while len(out) < WORLD:
-            try:
-                rank, name, value, error = results.get(timeout=TIMEOUT_S)
-            except queue.Empty:
-                alive = [p.is_alive() for p in procs]
-                pytest.fail(f"{case}: no result from the workers within {TIMEOUT_S} s (alive: {alive})")
-            assert name == case
-            assert error is None, f"rank {rank} failed on {case}:\n{error}"
-            out[rank] = value
-        return [out[r] for r in range(WORLD)]
-
-    yield run_case
-    for q in jobs:
-        q.put(None)
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=10)
+    with worker_pool(tmp_path_factory.mktemp("dp"), __name__, WORLD, TIMEOUT_S) as run_case:
+        yield run_case
 
 
 # ---------------------------------------------------------------------- tests

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import datetime
-import os
-import queue
-import traceback
-
 import numpy as np
 import pytest
 import torch
@@ -17,6 +12,7 @@ from regtune.distributed import DataParallel
 from regtune.loop import Run
 from regtune.methods import _METHODS, ensure_registered
 from regtune.parts import ire, microbatch, plain_sgd, sam
+from tests.dp_pool import worker_pool
 from tests.test_data_parallel import IRE, MICRO, SGD, STEPS, TIMEOUT_S, _register
 
 WORLD = 2
@@ -46,63 +42,17 @@ def train(case: str, dp: DataParallel) -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, jobs, results) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
+# ---------------------------------------------------------------------- the worker pool (one process group)
+def dp_setup() -> None:
+    """Run in each worker process before its first case (tests.dp_pool)."""
     _register()
     ensure_registered(sam_micro_ire())
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    dp = DataParallel.from_torch()
-    try:
-        while (case := jobs.get()) is not None:
-            try:
-                results.put((rank, case, train(case, dp), None))
-            except Exception:  # noqa: BLE001 - reported to the test
-                results.put((rank, case, None, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    ctx = torch.multiprocessing.get_context("spawn")
-    init_file = str(tmp_path_factory.mktemp("dp") / "init")
-    jobs = [ctx.Queue() for _ in range(WORLD)]
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, init_file, jobs[r], results), daemon=True) for r in range(WORLD)]
-    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-    def run_case(case: str) -> list[dict]:
-        for q in jobs:
-            q.put(case)
-        out: dict[int, dict] = {}
-        while len(out) < WORLD:
-            try:
-                rank, name, value, error = results.get(timeout=TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail(f"{case}: no result from the workers within {TIMEOUT_S} s")
-            assert name == case and error is None, f"rank {rank} failed on {case}:\n{error}"
-            out[rank] = value
-        return [out[r] for r in range(WORLD)]
-
-    yield run_case
-    for q in jobs:
-        q.put(None)
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=10)
+    with worker_pool(tmp_path_factory.mktemp("dp"), __name__, WORLD, TIMEOUT_S) as run_case:
+        yield run_case
 
 
 @pytest.fixture
