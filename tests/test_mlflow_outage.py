@@ -52,7 +52,10 @@ def outage(tmp_path_factory):
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and study.poll() is None and not child_runs(store / "mlflow.db")[2]:
             time.sleep(0.2)
-        assert study.poll() is None, "the study ended before its first trial run reached MLflow"
+        if study.poll() is not None:
+            out.seek(0)
+            raise AssertionError(f"the study ended ({study.returncode}) before its first trial run reached MLflow:\n"
+                                 f"{out.read()[-6000:]}\n--- server log:\n{(store / 'server.log').read_text()[-2000:]}")
         stop([server], grace=0)  # SIGKILL the server's process group: MLflow is gone mid-study
         logged_before = len(child_runs(store / "mlflow.db")[2])
         study.wait(timeout=900)
