@@ -44,10 +44,10 @@ SCRIPT = textwrap.dedent('''
                 obj = Resource.__new__(type("Plain", (), {}))
                 ref = weakref.ref(obj, finalize)  # noqa: F841 - its callback runs when obj goes
                 del obj
-            # The finalizer has returned. A worker that is going to exit has its SIGTERM sent again 50 ms after
-            # the finalizer began (trainables/quiet.py), and it lands here; one that is not (Ray's handler alone:
-            # the SystemExit was swallowed) never gets another. 10 s is the bound on that 50 ms timer thread being
-            # scheduled, ample even at a load of 30 on 2 cores; it is not a bound on the worker's exit.
+            # The finalizer has returned. A worker that is going to exit gets its SIGTERM again at most 50 ms
+            # later (a timer thread, trainables/quiet.py) and it lands here; one that is not (Ray's handler alone:
+            # the SystemExit was swallowed) never gets another. 10 s bounds that timer thread being scheduled,
+            # ample even at a load of 30 on 2 cores; it is not a bound on the worker's exit, which may take long.
             time.sleep(10)
             return "alive"
 
@@ -55,13 +55,16 @@ SCRIPT = textwrap.dedent('''
         trial = Trial.remote(quiet)
         # the worker's start (and its `import trainables`: torch, Ray Tune) is not part of what is measured;
         # under load it alone took more than the 20 s this script once allowed for start and exit together
+        t = time.monotonic()
         ray.get(trial.ready.remote(), timeout=600)
+        started = time.monotonic() - t
         try:  # the verdict is the call's outcome, never this failure-only bound
             ray.get(trial.run.remote(where), timeout=600)
             print(f"RESULT quiet={quiet} {where} alive", flush=True)
             ray.kill(trial)
         except ray.exceptions.RayActorError:
             print(f"RESULT quiet={quiet} {where} exited", flush=True)
+        print(f"TIMES quiet={quiet} {where}: start {started:.1f} s, run {time.monotonic() - t - started:.1f} s")
         time.sleep(2)  # let the workers' output reach this driver
         print(f"END quiet={quiet} {where}", flush=True)
     ray.shutdown()
