@@ -51,11 +51,13 @@ def test_read_jsonl_tolerates_a_line_being_written_and_a_line_cut_by_a_crash(tmp
 def test_trial_killed_mid_run_resumes_from_checkpoint_bit_for_bit(tmp_path):
     """fail_at_step makes the trial's process os._exit once past step 75 (at step 100, before reporting it: the
     steps since the step-75 checkpoint are lost); FailureConfig retries it from that checkpoint; every reported
-    metric equals the uninterrupted twin's (same config and seed)."""
+    metric equals the uninterrupted twin's (same config and seed), and result.json has every step, the step-75
+    row the driver logged before the process died included (trainables.tune_logs, as in a study)."""
     import ray
     from ray import tune
 
     import trainables
+    from trainables.tune_logs import loggers
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -64,7 +66,7 @@ def test_trial_killed_mid_run_resumes_from_checkpoint_bit_for_bit(tmp_path):
             param_space={"task": "grokking", "size": "smoke", "steps": 150, "eval_every": 25, "seed": 3,
                          "lr": 1e-3, "weight_decay": 0.1, "fail_at_step": tune.grid_search([None, 75])},
             tune_config=tune.TuneConfig(max_concurrent_trials=2),
-            run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path), verbose=0,
+            run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path), verbose=0, callbacks=loggers(),
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
@@ -85,6 +87,35 @@ def test_trial_killed_mid_run_resumes_from_checkpoint_bit_for_bit(tmp_path):
     for step in a:
         for key in CURVE_KEYS:
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+
+
+def test_a_retried_trial_keeps_the_rows_its_driver_logged_before_the_storage_copy_caught_up(tmp_path):
+    """On a retry Tune copies the trial's result.json from storage over the driver's staging file; the storage copy
+    is an older snapshot (synced in the background), so Tune's own logger loses the newest rows. Ours keeps them,
+    and still restores from storage for a new driver (Tuner.restore: no staging file)."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from ray.tune.logger import JsonLoggerCallback
+
+    from trainables.tune_logs import ProgressCsvLogger, ResultJsonLogger
+
+    rows = [json.dumps({"step": s}) + "\n" for s in (25, 50, 75)]
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    storage.mkdir()
+    (storage / "result.json").write_text("".join(rows[:2]))  # the last sync ran before step 75 was logged
+    trial = SimpleNamespace(checkpoint=object(), local_path=str(staging),
+                            storage=SimpleNamespace(trial_fs_path=str(storage),
+                                                    storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    for logger, kept in ((JsonLoggerCallback(), [25, 50]), (ResultJsonLogger(), [25, 50, 75])):
+        staging.mkdir(exist_ok=True)
+        (staging / "result.json").write_text("".join(rows))
+        logger._restore_from_remote("result.json", trial)
+        assert [r["step"] for r in read_jsonl(staging / "result.json")] == kept, type(logger).__name__
+    for logger in (ResultJsonLogger(), ProgressCsvLogger()):  # a new driver: its staging dir is empty
+        (staging / "result.json").unlink()
+        logger._restore_from_remote("result.json", trial)
+        assert [r["step"] for r in read_jsonl(staging / "result.json")] == [25, 50]
 
 
 # ------------------------------------------------------------------------------- driver killed / interrupted

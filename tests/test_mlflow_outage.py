@@ -49,13 +49,22 @@ def outage(tmp_path_factory):
                              cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     servers = [server]
     try:
-        deadline = time.monotonic() + 600
+        # a failure-only bound: on a loaded 2-core machine the study's start (imports, local Ray) alone took 15 min
+        deadline = time.monotonic() + 1800
         while time.monotonic() < deadline and study.poll() is None and not child_runs(store / "mlflow.db")[2]:
             time.sleep(0.2)
-        assert study.poll() is None, "the study ended before its first trial run reached MLflow"
+        if study.poll() is not None or not child_runs(store / "mlflow.db")[2]:  # ended, or the bound ran out
+            ended = f"ended ({study.returncode})" if study.poll() is not None else "ran 1800 s"
+            out.seek(0)
+            raise AssertionError(f"the study {ended} before its first trial run reached MLflow:\n"
+                                 f"{out.read()[-6000:]}\n--- server log:\n{(store / 'server.log').read_text()[-2000:]}")
         stop([server], grace=0)  # SIGKILL the server's process group: MLflow is gone mid-study
         logged_before = len(child_runs(store / "mlflow.db")[2])
-        study.wait(timeout=900)
+        try:  # a failure-only bound: the smoke study (12 trials) took over 15 min at a load of 25 on 2 cores
+            study.wait(timeout=1800)
+        except subprocess.TimeoutExpired:
+            out.seek(0)
+            raise AssertionError(f"the study did not finish within 1800 s:\n{out.read()[-6000:]}") from None
         out.seek(0)
         first = out.read()
         assert study.returncode == 0, first[-4000:]

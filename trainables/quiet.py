@@ -58,8 +58,8 @@ def sigterm_outside_finalizers() -> bool:
 
     def handler(signum, frame) -> None:
         f = frame
-        while f is not None:
-            if f.f_code.co_name == "__del__":
+        while f is not None:  # in a __del__, or in our unraisable hook (its timer's start can outlast 50 ms)
+            if f.f_code.co_name == "__del__" or f.f_code is unraisable.__code__:
                 again()
                 return
             f = f.f_back

@@ -258,6 +258,7 @@ def run_stage(
 
     import trainables
     from studies.engine.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
+    from trainables import tune_logs
 
     exp_dir = sdir / "tune" / name
     if (exp_dir / DONE_FILE).exists():
@@ -270,7 +271,8 @@ def run_stage(
         return tune.PlacementGroupFactory([{"CPU": r["cpu"], "GPU": r.get("gpu", 0)}])
 
     trainable = tune.with_resources(trainables.by_config(study.name), resources)
-    callbacks = [tracker.callback(name, {"study": study.name, "scale": scale, "phase": phase})]
+    callbacks = [tracker.callback(name, {"study": study.name, "scale": scale, "phase": phase}),
+                 *tune_logs.loggers()]  # a retried trial keeps every row of its result.json
     total = sum(p.num_samples for p in plans)
     if phase == "confirm":
         from studies.engine.confirm import algorithms
