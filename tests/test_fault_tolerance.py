@@ -52,12 +52,12 @@ def test_trial_killed_mid_run_resumes_from_checkpoint_bit_for_bit(tmp_path):
     """fail_at_step makes the trial's process os._exit once past step 75 (at step 100, before reporting it: the
     steps since the step-75 checkpoint are lost); FailureConfig retries it from that checkpoint; every reported
     metric equals the uninterrupted twin's (same config and seed), and result.json has every step, the step-75
-    row the driver logged before the process died included (trainables.tune_logs, as in a study)."""
+    row the driver logged before the process died included (trainables.ray_internals, as in a study)."""
     import ray
     from ray import tune
 
     import trainables
-    from trainables.tune_logs import loggers
+    from trainables.ray_internals import loggers
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -98,7 +98,7 @@ def test_a_retried_trial_keeps_the_rows_its_driver_logged_before_the_storage_cop
     import pyarrow.fs
     from ray.tune.logger import JsonLoggerCallback
 
-    from trainables.tune_logs import ProgressCsvLogger, ResultJsonLogger
+    from trainables.ray_internals import ProgressCsvLogger, ResultJsonLogger
 
     rows = [json.dumps({"step": s}) + "\n" for s in (25, 50, 75)]
     staging, storage = tmp_path / "staging", tmp_path / "storage"

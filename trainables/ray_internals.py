@@ -1,6 +1,6 @@
 """The only place regtune touches Ray's private internals (checked against ray 2.60.0).
 
-Ray has no public API for the three things below; each is wrapped here, in one small function, so that a Ray
+Ray has no public API for the four things below; each is wrapped here, in one small function, so that a Ray
 upgrade that moves them breaks one file, and each degrades to "let Ray decide" when the private name is gone
 (an ``ImportError`` or an unexpected error is reported as "unknown", never as a study failure).
 
@@ -11,6 +11,8 @@ upgrade that moves them breaks one file, and each degrades to "let Ray decide" w
 * ``recorded_cluster`` uses ``ray._private.services.find_bootstrap_address``: ``--address auto`` means "the
   cluster ``ray start`` last started here", and this is Ray's own lookup of that record; reimplementing it
   would copy Ray's file layout (``/tmp/ray/ray_current_cluster``) and its liveness rules instead.
+* ``ResultJsonLogger`` / ``ProgressCsvLogger`` override Tune's ``LoggerCallback._restore_from_remote``: a trial
+  retried by ``FailureConfig`` must keep the rows of its ``result.json`` (below, "Per-trial logs").
 * ``release`` / ``Reaper`` read the GCS tables through ``ray._private.state`` (and ``ray._raylet`` ids): the
   placement groups a stopped multi-worker trial leaves reserved (below, "Placement groups").
 
@@ -47,10 +49,12 @@ by one trial is released within seconds, well inside the next worker group's sta
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 UNKNOWN = "unknown"
 
@@ -182,3 +186,54 @@ class Reaper:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+# --------------------------------------------------------------------------
+# per-trial logs that keep every row across a trial retry
+#
+# Tune's per-trial logs (``result.json``, ``progress.csv``) that keep every row across a trial retry.
+#
+# Tune's driver appends each trial's rows to a file in its staging directory and copies that directory to storage in
+# the background (an experiment-state sync: at most one at a time, launched every few seconds and after
+# checkpoints). When a trial's process dies and ``FailureConfig`` retries it in the same run, Tune's loggers first
+# copy the storage's file back over the staging one (``LoggerCallback._restore_from_remote``, written for a driver
+# restarted by ``Tuner.restore``, whose staging directory is new and empty; Ray 2.60). The storage copy is only as
+# new as the last finished sync, so rows the driver logged after it (such as the report whose checkpoint the retry
+# resumes from) are overwritten, and the next sync writes the shortened file to storage: the trial's curve has a
+# hole. Seen on a loaded machine: a trial retried from its step-75 checkpoint had no step-75 row in result.json.
+#
+# These loggers restore from storage only when the staging file is missing (a new driver). A staging file that
+# exists was written by this driver, row by row and flushed, and every storage copy of it is an older snapshot.
+# Pass ``loggers()`` in ``RunConfig(callbacks=...)``: Tune then adds no JSON or CSV logger of its own.
+class _KeepStagedRows:
+    """Mixin: restore from storage only when this driver has no staging file of its own."""
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        if Path(trial.local_path, file_name).exists():  # this driver's own rows: the newest there are
+            return
+        super()._restore_from_remote(file_name, trial)  # a new driver (Tuner.restore): storage has them all
+
+
+@functools.cache
+def _logger_classes() -> dict[str, type]:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # imported when used: ray.tune is heavy
+
+    class ResultJsonLogger(_KeepStagedRows, JsonLoggerCallback):
+        """Tune's ``result.json`` logger; a retried trial keeps the rows logged before it died."""
+
+    class ProgressCsvLogger(_KeepStagedRows, CSVLoggerCallback):
+        """Tune's ``progress.csv`` logger; a retried trial keeps the rows logged before it died."""
+
+    return {"ResultJsonLogger": ResultJsonLogger, "ProgressCsvLogger": ProgressCsvLogger}
+
+
+def __getattr__(name: str):  # ResultJsonLogger, ProgressCsvLogger (module attributes, defined when first used)
+    if name in ("ResultJsonLogger", "ProgressCsvLogger"):
+        return _logger_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def loggers() -> list:
+    """The per-trial loggers for ``tune.RunConfig(callbacks=[..., *loggers()])``."""
+    classes = _logger_classes()
+    return [classes["ResultJsonLogger"](), classes["ProgressCsvLogger"]()]

@@ -258,7 +258,7 @@ def run_stage(
 
     import trainables
     from studies.engine.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
-    from trainables import tune_logs
+    from trainables import ray_internals
 
     exp_dir = sdir / "tune" / name
     if (exp_dir / DONE_FILE).exists():
@@ -272,7 +272,7 @@ def run_stage(
 
     trainable = tune.with_resources(trainables.by_config(study.name), resources)
     callbacks = [tracker.callback(name, {"study": study.name, "scale": scale, "phase": phase}),
-                 *tune_logs.loggers()]  # a retried trial keeps every row of its result.json
+                 *ray_internals.loggers()]  # a retried trial keeps every row of its result.json
     total = sum(p.num_samples for p in plans)
     if phase == "confirm":
         from studies.engine.confirm import algorithms
