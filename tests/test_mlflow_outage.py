@@ -129,3 +129,32 @@ def test_sync_again_adds_nothing(outage):
     assert "0 trial runs backfilled, 0 completed" in outage["sync"].stdout
     _, _, runs = child_runs(outage["store"] / "mlflow.db")
     assert len(runs) == len(outage["after_rerun"])
+
+
+def test_a_server_gone_mid_response_counts_as_unreachable():
+    """mlflow's http_request re-raises any request failure as MlflowException in the failure's context; a server
+    killed while answering breaks the response (ChunkedEncodingError around IncompleteRead): an outage, not a bad
+    request. A refused request (the server's own error) is not."""
+    import http.client
+
+    import requests
+    import urllib3
+    from mlflow.exceptions import MlflowException
+
+    from studies.engine.tracking import is_connection_error
+
+    def raised(cause: BaseException) -> BaseException:
+        try:
+            try:
+                raise cause
+            except Exception as e:  # the way mlflow.utils.rest_utils.http_request wraps it
+                raise MlflowException(f"API request failed with exception {e}")  # noqa: B904
+        except MlflowException as wrapped:
+            return wrapped
+
+    broken = requests.exceptions.ChunkedEncodingError(urllib3.exceptions.ProtocolError(
+        "Connection broken: IncompleteRead(0 bytes read, 1406 more expected)", http.client.IncompleteRead(b"", 1406)))
+    assert is_connection_error(raised(broken))
+    assert is_connection_error(raised(requests.exceptions.ConnectionError("refused")))
+    assert not is_connection_error(raised(ValueError("INVALID_PARAMETER_VALUE")))
+    assert not is_connection_error(MlflowException("RESOURCE_ALREADY_EXISTS"))

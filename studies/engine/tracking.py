@@ -41,13 +41,20 @@ def _stderr(msg: str) -> None:
 
 def is_connection_error(e: BaseException) -> bool:
     """An MLflow call failed because the tracking server cannot be reached (not because of what was sent)."""
-    import requests
+    import http.client
 
+    import requests
+    import urllib3
+
+    # a server that went away mid-response (killed, restarted) breaks the connection: ChunkedEncodingError /
+    # urllib3's ProtocolError around http.client's IncompleteRead or RemoteDisconnected
+    lost = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.ProtocolError, http.client.IncompleteRead, http.client.RemoteDisconnected,
+            ConnectionError, TimeoutError)
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                          ConnectionError, TimeoutError)):
+        if isinstance(e, lost):
             return True
         e = e.__cause__ or e.__context__
     return False
