@@ -158,3 +158,14 @@ def test_a_server_gone_mid_response_counts_as_unreachable():
     assert is_connection_error(raised(requests.exceptions.ConnectionError("refused")))
     assert not is_connection_error(raised(ValueError("INVALID_PARAMETER_VALUE")))
     assert not is_connection_error(MlflowException("RESOURCE_ALREADY_EXISTS"))
+
+
+def test_a_param_reads_the_same_after_a_resume():
+    """Tune restores a trial's config from JSON: a recipe's tuple comes back a list. MLflow refuses a param logged
+    again with another text, so both must read the same (and the same as the Parquet backfill's JSON text)."""
+    import json
+
+    from studies.engine.tracking import param_text
+
+    assert param_text((0.9, 0.98)) == param_text([0.9, 0.98]) == json.dumps([0.9, 0.98])
+    assert param_text(1e-3) == "0.001" and param_text("dependent") == "dependent"

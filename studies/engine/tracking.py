@@ -190,7 +190,7 @@ class StudyTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         for k, v in params.items():
             try:
-                self.link.call(self.client.log_param, self.parent_id, k, v)
+                self.link.call(self.client.log_param, self.parent_id, k, param_text(v))
             except Exception:  # noqa: BLE001 - same key logged by an earlier (resumed) run with another value
                 self.link.call(self.client.set_tag, self.parent_id, f"param.{k}", str(v))
 
@@ -299,12 +299,18 @@ class NestedMLflowCallback(MLflowLoggerCallback):
         log_params(MlflowClient(tracking_uri=self.tracking_uri), self._trial_runs[trial], _loggable(trial.config))
 
 
+def param_text(value: Any) -> str:
+    """A param's text, the same before and after a resume: Tune restores a config from JSON, where a tuple (a
+    recipe's ``betas``) comes back a list, and MLflow refuses a param logged again with another text."""
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     """Params in batches (MLflow takes at most 100 a request); nested dicts flattened with "/" as Ray does."""
     from mlflow.entities import Param
     from ray.tune.utils import flatten_dict
 
-    items = [Param(str(k), str(v)) for k, v in flatten_dict(params, delimiter="/").items()]
+    items = [Param(str(k), param_text(v)) for k, v in flatten_dict(params, delimiter="/").items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
