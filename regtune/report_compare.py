@@ -20,13 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from regtune.report_confirm import _config_text, compare, confirm_rows, search_rows
+from regtune.report_confirm import _config_text, _scale, compare, confirm_rows, search_rows
 
 REFERENCE = "adamw"
-
-
-def _pct(metric: str) -> float:
-    return 100.0 if "accuracy" in metric else 1.0
 
 
 def _mean_std(values: list[float], fmt: str) -> str:
@@ -67,7 +63,7 @@ def cell_entries(trials: pd.DataFrame) -> list[dict[str, Any]]:
                 src = cand.loc[cand[col].idxmax() if first["mode"] == "max" else cand[col].idxmin()]
             runs = cand.loc[[src.name]] if src is not None else cand
         col = f"final/{metric}"
-        values = [float(v) * _pct(metric) for v in runs[col].dropna()] if col in runs else []
+        values = [float(v) * _scale(metric) for v in runs[col].dropna()] if col in runs else []
         reached = [float(s) for s in runs["steps_to_threshold"].dropna()] if "steps_to_threshold" in runs else []
         out.append({"cell": first["cell"], "method": first["method"], "group": first.get("group", "") or "",
                     "metric": metric, "values": values, "runs": len(runs), "reached": reached,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from regtune.space import IntUniform, LogUniform
+from studies import cpr_cifar100, cpr_grokking, implicit_main
 from studies._cifar import resources
 from studies.spec import Cell, Scale, Study
 
@@ -35,19 +36,15 @@ RHO = LogUniform(0.01, 0.5)
 # each cell's recipe: the papers' settings, one dict that is both the fixed config and Optuna's first point
 GROK = "grokking"
 CIFAR = "cifar100_resnet18_cpr"  # the CPR paper's CIFAR-100 ResNet-18 setup (20k steps of batch 128)
-ADAM = {"lr": 1e-3, "betas": (0.9, 0.98)}  # the CPR paper's Adam settings (grokking and CIFAR-100)
+# the papers' settings, written in their own studies: CPR's grokking recipes (cpr_grokking), CPR's CIFAR-100 ones
+# (cpr_cifar100: AdamW, rescaling, warm start), the implicit paper's small-batch SGD lr on CIFAR-100 (implicit_main);
+# no paper gives SGD on grokking: lr 0.1, the implicit paper's value
 RECIPES = {
-    GROK: {  # CPR paper, grokking figure (AdamW decay 0.1, rescaling 0.8, dependent kappa 0.8; embedding regularized)
-        "adamw": {**ADAM, "weight_decay": 0.1, "regularize_embedding": True},
-        "adam_rescale": {**ADAM, "rescale_alpha": 0.8, "regularize_embedding": True},
-        "adamcpr": {**ADAM, "kappa_init_method": "dependent", "kappa_init_param": 0.8, "regularize_embedding": True},
-        "sgd": {"lr": 0.1},
-    },
-    CIFAR: {  # CPR paper, CIFAR-100 (AdamW decay 1e-3, rescaling 0.8, warm start 1000); implicit paper's SGD lr 0.1
-        "adamw": {**ADAM, "weight_decay": 1e-3},
-        "adam_rescale": {**ADAM, "rescale_alpha": 0.8},
-        "adamcpr": {**ADAM, "kappa_init_method": "warm_start", "kappa_init_param": 1000},
-        "sgd": {"lr": 0.1},
+    GROK: {**cpr_grokking.RECIPE, "sgd": {"lr": 0.1}},
+    CIFAR: {
+        **{m: dict(cpr_cifar100.STUDY.cell(c).recipe)
+           for m, c in (("adamw", "adamw"), ("adam_rescale", "adam_rescale"), ("adamcpr", "adamcpr-warm_start"))},
+        "sgd": {"lr": implicit_main.TABLE["cifar100_resnet18"]["sgd"][0]},
     },
 }
 KAPPA_SPACE = {"dependent": LogUniform(0.5, 256.0), "warm_start": IntUniform(250, 4000, log=True)}
