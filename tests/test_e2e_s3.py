@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_env, run_cli
-from tests.test_fault_tolerance import _wait_for
+from tests.conftest import cli_env, run_cli
+from tests.test_fault_tolerance import Driver, _wait_for
 
 pytest.importorskip("moto", reason="moto[server] (the test extra) runs the S3-compatible server")
 boto3 = pytest.importorskip("boto3")
@@ -91,26 +91,6 @@ def _files(fs, root: str) -> list[str]:
 
 def _env(url: str, tmp_path: Path) -> dict[str, str]:
     return cli_env(AWS_ENDPOINT_URL=url, REGTUNE_CACHE=str(tmp_path / "cache"), **CREDS)
-
-
-class Driver:
-    """``python -m studies run ...`` in the background, output to a file (tests.test_fault_tolerance's, with env)."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]):
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "studies", *args], cwd=ROOT, env=env,
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"driver did not finish in {timeout}s:\n{self.output()[-3000:]}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- the study

@@ -122,9 +122,9 @@ def test_a_retried_trial_keeps_the_rows_its_driver_logged_before_the_storage_cop
 class Driver:
     """``python -m studies run ...`` as a background process whose output goes to a file."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "studies", *args], cwd=ROOT, env=cli_env(),
+        self.proc = subprocess.Popen([sys.executable, "-m", "studies", *args], cwd=ROOT, env=env or cli_env(),
                                      stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def output(self) -> str:
