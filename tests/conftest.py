@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,14 @@ def cli_env(**extra: str) -> dict[str, str]:
     env.update({"PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0",
                 "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", **extra})
     return env
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    """Poll ``cond`` every 0.1 s until it is true; fail with ``what`` once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:

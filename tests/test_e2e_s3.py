@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, wait_until
 from tests.test_fault_tolerance import Driver, _wait_for
 
 pytest.importorskip("moto", reason="moto[server] (the test extra) runs the S3-compatible server")
@@ -247,19 +247,12 @@ def test_lease_one_holder_takeover_rules_and_loss(s3):
 
     # the holder renews (its ETag changes), and stops when another driver took the lease (a refused renewal)
     etag = d.etag
-    _wait_until(lambda: d.etag != etag, 20, "a renewal of the lease")
+    wait_until(lambda: d.etag != etag, 20, "a renewal of the lease")
     client.put_object(Bucket="regtune-lease", Key="s/c.lease", Body=b'{"pid": 1, "host": "intruder"}')
-    _wait_until(lambda: lost_d, 20, "the holder noticing its lease was taken")
+    wait_until(lambda: lost_d, 20, "the holder noticing its lease was taken")
     assert "was taken over or deleted" in lost_d[0]
     d.release()  # not ours any more: the intruder's lease stays
     assert b"intruder" in client.get_object(Bucket="regtune-lease", Key="s/c.lease")["Body"].read()
-
-
-def _wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_lease_ttl_setting_is_checked(monkeypatch):

@@ -10,13 +10,12 @@ still runs.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 ray = pytest.importorskip("ray")
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group  # noqa: E402
 
+from tests.conftest import wait_until  # noqa: E402
 from trainables import ray_internals as train_groups  # noqa: E402
 
 
@@ -58,13 +57,6 @@ def _actor_state(actor_hex: str) -> str:
     return state.actor_table(actor_hex).get("State", "GONE")
 
 
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_a_dead_creators_group_stays_reserved_until_released(local_ray):
     driver_pg = placement_group([{"CPU": 0.01}])  # as Tune's trial group: created by the driver
     assert driver_pg.wait(60)
@@ -73,7 +65,7 @@ def test_a_dead_creators_group_stays_reserved_until_released(local_ray):
     stopped = Controller.remote()
     leaked, cleaner = ray.get(stopped.start.remote(0.95, True))
     ray.kill(stopped)  # as Tune stopping a trial whose Train run has not shut down yet
-    _wait(lambda: any(pg.placement_group_id.hex() == leaked for pg in train_groups.stale_groups()), 60,
+    wait_until(lambda: any(pg.placement_group_id.hex() == leaked for pg in train_groups.stale_groups()), 60,
           "the GCS to mark the group's creator dead")
 
     # Ray's behaviour: the group stays reserved (its creator's job is alive), so the next one cannot be placed
@@ -86,7 +78,7 @@ def test_a_dead_creators_group_stays_reserved_until_released(local_ray):
     assert any(leaked in r for r in released) and any(cleaner in r for r in released), released
     assert nxt.wait(60), "the freed CPUs were not given to the waiting group"
     assert _state(leaked) == "REMOVED"
-    _wait(lambda: _actor_state(cleaner) == "DEAD", 60, "the orphaned cleaner to die")
+    wait_until(lambda: _actor_state(cleaner) == "DEAD", 60, "the orphaned cleaner to die")
     # the driver's group and the live creator's group are left alone
     assert _state(driver_pg.id.hex()) == "CREATED" and _state(kept) == "CREATED"
     assert train_groups.stale_groups() == [] and train_groups.release() == []
