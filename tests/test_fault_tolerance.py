@@ -350,3 +350,24 @@ def test_checkpoints_load_weights_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(bad)
     assert not marker.exists()
+
+
+def test_tune_retention_skips_a_checkpoint_a_killed_driver_already_deleted(tmp_path, monkeypatch):
+    """A resumed driver's experiment state can list a checkpoint its killed predecessor deleted: Ray's delete
+    raises for it (Tune then logs an "Error handling checkpoint" traceback); after the studies' wrapper it is a
+    no-op, and a checkpoint that is there is still deleted."""
+    import pyarrow.fs
+    from ray.train._internal import checkpoint_manager
+
+    from trainables import ray_internals
+
+    monkeypatch.setattr(checkpoint_manager, "_delete_fs_path", checkpoint_manager._delete_fs_path)  # undone after
+    fs, gone, kept = pyarrow.fs.LocalFileSystem(), tmp_path / "checkpoint_000002", tmp_path / "checkpoint_000003"
+    with pytest.raises(FileNotFoundError):
+        checkpoint_manager._delete_fs_path(fs=fs, fs_path=str(gone))
+    ray_internals.forget_deleted_checkpoints()
+    checkpoint_manager._delete_fs_path(fs=fs, fs_path=str(gone))
+    (kept / "state.pt").parent.mkdir()
+    (kept / "state.pt").write_bytes(b"x")
+    checkpoint_manager._delete_fs_path(fs=fs, fs_path=str(kept))
+    assert not kept.exists()

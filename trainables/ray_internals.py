@@ -13,6 +13,8 @@ upgrade that moves them breaks one file, and each degrades to "let Ray decide" w
   would copy Ray's file layout (``/tmp/ray/ray_current_cluster``) and its liveness rules instead.
 * ``ResultJsonLogger`` / ``ProgressCsvLogger`` override Tune's ``LoggerCallback._restore_from_remote``: a trial
   retried by ``FailureConfig`` must keep the rows of its ``result.json`` (below, "Per-trial logs").
+* ``forget_deleted_checkpoints`` wraps ``ray.train._internal.checkpoint_manager._delete_fs_path``: a resumed
+  driver must not fail on a checkpoint its killed predecessor already deleted (below, "Checkpoint retention").
 * ``release`` / ``Reaper`` read the GCS tables through ``ray._private.state`` (and ``ray._raylet`` ids): the
   placement groups a stopped multi-worker trial leaves reserved (below, "Placement groups").
 
@@ -237,3 +239,32 @@ def loggers() -> list:
     """The per-trial loggers for ``tune.RunConfig(callbacks=[..., *loggers()])``."""
     classes = _logger_classes()
     return [classes["ResultJsonLogger"](), classes["ProgressCsvLogger"]()]
+
+
+# --------------------------------------------------------------------------
+# Checkpoint retention across a killed driver
+#
+# Tune keeps ``num_to_keep`` checkpoints per trial: on each new one its checkpoint manager deletes the oldest. A
+# driver killed between that delete and its next experiment-state sync leaves state in storage that still lists the
+# deleted checkpoint; the resumed driver restores it and, at its next checkpoint, asks to delete it again. Ray 2.60's
+# ``_delete_fs_path`` raises ``FileNotFoundError`` for a missing path, which Tune logs as an "Error handling
+# checkpoint" traceback and which skips that save's bookkeeping (seen with S3 storage: 2 of 15 kill/resume runs).
+# A checkpoint that is already gone is deleted: this makes that case a no-op and leaves every other one to Ray.
+def forget_deleted_checkpoints() -> None:
+    """Make Tune's checkpoint retention skip checkpoints that no longer exist (call in the driver before fit)."""
+    try:
+        import pyarrow.fs
+        from ray.train._internal import checkpoint_manager
+    except ImportError:  # moved in another Ray: let Ray decide
+        return
+    delete = checkpoint_manager._delete_fs_path
+    if getattr(delete, "_regtune", False):
+        return
+
+    def delete_if_present(fs, fs_path: str) -> None:
+        if fs.get_file_info(fs_path).type == pyarrow.fs.FileType.NotFound:
+            return
+        delete(fs=fs, fs_path=fs_path)
+
+    delete_if_present._regtune = True
+    checkpoint_manager._delete_fs_path = delete_if_present
