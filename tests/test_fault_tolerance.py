@@ -352,22 +352,68 @@ def test_checkpoints_load_weights_only(tmp_path):
     assert not marker.exists()
 
 
-def test_tune_retention_skips_a_checkpoint_a_killed_driver_already_deleted(tmp_path, monkeypatch):
-    """A resumed driver's experiment state can list a checkpoint its killed predecessor deleted: Ray's delete
-    raises for it (Tune then logs an "Error handling checkpoint" traceback); after the studies' wrapper it is a
-    no-op, and a checkpoint that is there is still deleted."""
+def test_tune_retention_deletes_a_checkpoint_only_after_state_without_it_is_on_storage(tmp_path, monkeypatch):
+    """Ray's own order, on Ray's real classes: the trial's checkpoint manager deletes the checkpoint it drops at
+    once, while the experiment state on storage (what a resumed driver restores) still names it. After the
+    studies' wrapper the drop waits for the next experiment-state save, is deleted once that state's upload has
+    finished, and a checkpoint that is already gone is skipped instead of raising."""
     import pyarrow.fs
+    from ray import tune
+    from ray.train import Checkpoint
     from ray.train._internal import checkpoint_manager
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     from trainables import ray_internals
 
-    monkeypatch.setattr(checkpoint_manager, "_delete_fs_path", checkpoint_manager._delete_fs_path)  # undone after
-    fs, gone, kept = pyarrow.fs.LocalFileSystem(), tmp_path / "checkpoint_000002", tmp_path / "checkpoint_000003"
-    with pytest.raises(FileNotFoundError):
-        checkpoint_manager._delete_fs_path(fs=fs, fs_path=str(gone))
-    ray_internals.forget_deleted_checkpoints()
-    checkpoint_manager._delete_fs_path(fs=fs, fs_path=str(gone))
-    (kept / "state.pt").parent.mkdir()
-    (kept / "state.pt").write_bytes(b"x")
-    checkpoint_manager._delete_fs_path(fs=fs, fs_path=str(kept))
-    assert not kept.exists()
+    for owner, name in ((checkpoint_manager, "_delete_fs_path"),
+                        (_ExperimentCheckpointManager, "sync_up_experiment_state")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # undone after the test
+    # the driver's staging dir lives in the Ray session dir; here (no Ray started) a dir of the test's
+    monkeypatch.setattr(StorageContext, "experiment_driver_staging_path", str(tmp_path / "staging"))
+    fs = pyarrow.fs.LocalFileSystem()
+    storage = StorageContext(storage_path=str(tmp_path / "storage"), experiment_dir_name="exp")
+    state = Path(storage.experiment_fs_path) / "experiment_state.json"
+    deletes, ray_delete = [], checkpoint_manager._delete_fs_path  # (checkpoint, state on storage) at each delete
+
+    def delete(fs, fs_path: str) -> None:
+        deletes.append((Path(fs_path).name, state.read_text()))
+        ray_delete(fs=fs, fs_path=fs_path)
+
+    monkeypatch.setattr(checkpoint_manager, "_delete_fs_path", delete)
+
+    def checkpoint(i: int) -> _TrainingResult:
+        d = Path(storage.experiment_fs_path) / "trial" / f"checkpoint_{i:06d}"
+        d.mkdir(parents=True)
+        (d / "state.pt").write_bytes(b"x")
+        return _TrainingResult(checkpoint=Checkpoint(str(d), filesystem=fs), metrics={"step": i})
+
+    def save_naming(i: int):  # what Tune's save_fn does: write the state into the driver's staging dir
+        def save() -> None:
+            Path(storage.experiment_driver_staging_path).mkdir(parents=True, exist_ok=True)
+            (Path(storage.experiment_driver_staging_path) / "experiment_state.json").write_text(str(i))
+        return save
+
+    trial = checkpoint_manager._CheckpointManager(tune.CheckpointConfig(num_to_keep=1))
+    experiment = _ExperimentCheckpointManager(storage=storage, checkpoint_period=1e9)
+    experiment.sync_up_experiment_state(save_naming(0), force=True, wait=True)
+    first = checkpoint(0)
+    trial.register_checkpoint(first)
+    experiment.sync_up_experiment_state(save_naming(0), force=True, wait=True)
+    trial.register_checkpoint(checkpoint(1))
+    assert not Path(first.checkpoint.path).exists() and state.read_text() == "0"  # Ray: the state names a gone one
+
+    ray_internals.safe_checkpoint_retention()
+    second = checkpoint(2)
+    trial.register_checkpoint(second)
+    trial.register_checkpoint(checkpoint(3))
+    assert Path(second.checkpoint.path).exists()  # dropped: kept until a state without it is on storage
+    experiment.sync_up_experiment_state(save_naming(3))  # inside the period: no save, nothing deleted
+    assert Path(second.checkpoint.path).exists() and state.read_text() == "0"
+    ray_internals._dropped.append((fs, str(tmp_path / "gone" / "checkpoint_000009")))  # a killed driver deleted it
+    experiment.sync_up_experiment_state(save_naming(3), force=True)  # Tune does not wait for this upload itself
+    assert state.read_text() == "3" and not Path(second.checkpoint.path).exists()
+    assert ray_internals._dropped == []
+    assert deletes == [("checkpoint_000000", "0"), ("checkpoint_000001", "3"), ("checkpoint_000002", "3")]
+    assert sorted(p.name for p in (Path(storage.experiment_fs_path) / "trial").iterdir()) == ["checkpoint_000003"]

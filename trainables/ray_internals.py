@@ -1,6 +1,6 @@
 """The only place regtune touches Ray's private internals (checked against ray 2.60.0).
 
-Ray has no public API for the four things below; each is wrapped here, in one small function, so that a Ray
+Ray has no public API for the five things below; each is wrapped here, in one small function, so that a Ray
 upgrade that moves them breaks one file, and each degrades to "let Ray decide" when the private name is gone
 (an ``ImportError`` or an unexpected error is reported as "unknown", never as a study failure).
 
@@ -13,8 +13,9 @@ upgrade that moves them breaks one file, and each degrades to "let Ray decide" w
   would copy Ray's file layout (``/tmp/ray/ray_current_cluster``) and its liveness rules instead.
 * ``ResultJsonLogger`` / ``ProgressCsvLogger`` override Tune's ``LoggerCallback._restore_from_remote``: a trial
   retried by ``FailureConfig`` must keep the rows of its ``result.json`` (below, "Per-trial logs").
-* ``forget_deleted_checkpoints`` wraps ``ray.train._internal.checkpoint_manager._delete_fs_path``: a resumed
-  driver must not fail on a checkpoint its killed predecessor already deleted (below, "Checkpoint retention").
+* ``safe_checkpoint_retention`` wraps ``ray.train._internal.checkpoint_manager._delete_fs_path`` and Tune's
+  experiment-state upload: a killed driver must leave state that names only checkpoints still on storage (below,
+  "Checkpoint retention").
 * ``release`` / ``Reaper`` read the GCS tables through ``ray._private.state`` (and ``ray._raylet`` ids): the
   placement groups a stopped multi-worker trial leaves reserved (below, "Placement groups").
 
@@ -244,27 +245,70 @@ def loggers() -> list:
 # --------------------------------------------------------------------------
 # Checkpoint retention across a killed driver
 #
-# Tune keeps ``num_to_keep`` checkpoints per trial: on each new one its checkpoint manager deletes the oldest. A
-# driver killed between that delete and its next experiment-state sync leaves state in storage that still lists the
-# deleted checkpoint; the resumed driver restores it and, at its next checkpoint, asks to delete it again. Ray 2.60's
-# ``_delete_fs_path`` raises ``FileNotFoundError`` for a missing path, which Tune logs as an "Error handling
-# checkpoint" traceback and which skips that save's bookkeeping (seen with S3 storage: 2 of 15 kill/resume runs).
-# A checkpoint that is already gone is deleted: this makes that case a no-op and leaves every other one to Ray.
-def forget_deleted_checkpoints() -> None:
-    """Make Tune's checkpoint retention skip checkpoints that no longer exist (call in the driver before fit)."""
-    try:
-        import pyarrow.fs
-        from ray.train._internal import checkpoint_manager
-    except ImportError:  # moved in another Ray: let Ray decide
-        return
-    delete = checkpoint_manager._delete_fs_path
-    if getattr(delete, "_regtune", False):
-        return
+# Tune keeps ``num_to_keep`` checkpoints per trial: when a trial reports a new one, the trial's checkpoint manager
+# (in the driver) deletes the oldest at once. The experiment state, which a resumed driver restores and which names
+# each trial's latest checkpoint, reaches storage only later (Tune saves it every ~10 s, or after ``num_to_keep``
+# checkpoints of a trial, and uploads it in the background). A driver killed in between leaves state in storage
+# that names a checkpoint it has already deleted; two things then go wrong on resume (both seen with S3 storage):
+# - the restored trial's latest checkpoint is gone: Tune fails to restore it ("Could not recover from checkpoint as
+#   it does not exist on storage anymore"), retries it ``max_failures`` times with the same result, and the trial
+#   ends in ERROR - a trial lost to the kill (1 of 30 kill/resume runs);
+# - a restored trial's older checkpoint is gone: the new driver deletes it again, Ray 2.60's ``_delete_fs_path``
+#   raises ``FileNotFoundError`` and Tune logs an "Error handling checkpoint" traceback (2 of 15 runs).
+# ``safe_checkpoint_retention`` fixes the order: a checkpoint Tune's retention drops is deleted only once an
+# experiment state saved after the drop (so without it) is on storage - after the upload of the next state Tune
+# saves has finished (the final save of a run waits for its upload anyway). A delete skips a checkpoint that is
+# already gone. The cost: up to one more checkpoint per trial is on storage for a few seconds, and a driver killed
+# before its next state save leaves the checkpoints it dropped since its last save on storage (Tune no longer lists
+# them, so nothing deletes them later: at most a few per trial per kill). Private API of ray 2.60:
+# ``ray.train._internal.checkpoint_manager._delete_fs_path`` (the one delete of the retention) and
+# ``ray.tune.execution.experiment_state._ExperimentCheckpointManager.sync_up_experiment_state`` with its storage's
+# ``syncer`` (the one save + upload of the experiment state).
+_dropped: list[tuple] = []  # (filesystem, path) of checkpoints dropped by the retention, not yet deleted
 
-    def delete_if_present(fs, fs_path: str) -> None:
-        if fs.get_file_info(fs_path).type == pyarrow.fs.FileType.NotFound:
-            return
+
+def _delete_if_present(delete: Callable, fs, fs_path: str) -> None:
+    import pyarrow.fs
+
+    if fs.get_file_info(fs_path).type != pyarrow.fs.FileType.NotFound:
         delete(fs=fs, fs_path=fs_path)
 
-    delete_if_present._regtune = True
-    checkpoint_manager._delete_fs_path = delete_if_present
+
+def safe_checkpoint_retention() -> None:
+    """Make Tune delete a checkpoint its retention drops only after an experiment state without it is on storage,
+    and skip one that is already gone (see above). Call in the driver before each ``fit``: checkpoints a previous
+    run of this process dropped but never deleted (its last state upload failed) are kept."""
+    try:
+        from ray.train._internal import checkpoint_manager
+        from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    except ImportError:  # moved in another Ray: let Ray decide
+        return
+    _dropped.clear()
+    if getattr(checkpoint_manager._delete_fs_path, "_regtune", False):
+        return
+    delete, sync_up = checkpoint_manager._delete_fs_path, _ExperimentCheckpointManager.sync_up_experiment_state
+
+    def drop(fs, fs_path: str) -> None:
+        _dropped.append((fs, fs_path))
+
+    @functools.wraps(sync_up)
+    def sync_up_then_delete(self, save_fn, force: bool = False, wait: bool = False) -> None:
+        dropped, saved, synced = list(_dropped), self._last_save_time, self._last_sync_time
+        sync_up(self, save_fn, force=force, wait=wait)
+        if not dropped or self._last_save_time == saved:  # nothing to delete, or no state saved this time
+            return
+        syncer = self._storage.syncer
+        try:
+            if self._last_sync_time == synced:  # an earlier upload was still running: send the state just saved
+                syncer.wait()
+                syncer.sync_up(self._storage.experiment_driver_staging_path, self._storage.experiment_fs_path)
+            syncer.wait()
+        except Exception:  # noqa: BLE001 - Tune reports a failed upload itself; keep the checkpoints for now
+            return
+        for fs, fs_path in dropped:
+            _delete_if_present(delete, fs, fs_path)
+            _dropped.remove((fs, fs_path))
+
+    drop._regtune = True
+    checkpoint_manager._delete_fs_path = drop
+    _ExperimentCheckpointManager.sync_up_experiment_state = sync_up_then_delete

@@ -260,7 +260,7 @@ def run_stage(
     from studies.engine.stage import CellScheduler, CellSearch, cell_of, stop_line, stopped_cells, unstarted
     from trainables import ray_internals
 
-    ray_internals.forget_deleted_checkpoints()  # a resumed driver: its predecessor may have deleted some already
+    ray_internals.safe_checkpoint_retention()  # a killed driver leaves state naming only checkpoints on storage
     exp_dir = sdir / "tune" / name
     if (exp_dir / DONE_FILE).exists():
         log(f"[{name}] already finished, skipping ({', '.join(c.name for c in cells)})")
