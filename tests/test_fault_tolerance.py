@@ -367,9 +367,8 @@ def test_tune_retention_deletes_a_checkpoint_only_after_state_without_it_is_on_s
 
     from trainables import ray_internals
 
-    for owner, name in ((checkpoint_manager, "_delete_fs_path"),
-                        (_ExperimentCheckpointManager, "sync_up_experiment_state")):
-        monkeypatch.setattr(owner, name, getattr(owner, name))  # undone after the test
+    monkeypatch.setattr(_ExperimentCheckpointManager, "sync_up_experiment_state",  # the wrapper's patch is undone
+                        _ExperimentCheckpointManager.sync_up_experiment_state)  # after the test (the delete's below)
     # the driver's staging dir lives in the Ray session dir; here (no Ray started) a dir of the test's
     monkeypatch.setattr(StorageContext, "experiment_driver_staging_path", str(tmp_path / "staging"))
     fs = pyarrow.fs.LocalFileSystem()
@@ -397,7 +396,6 @@ def test_tune_retention_deletes_a_checkpoint_only_after_state_without_it_is_on_s
 
     trial = checkpoint_manager._CheckpointManager(tune.CheckpointConfig(num_to_keep=1))
     experiment = _ExperimentCheckpointManager(storage=storage, checkpoint_period=1e9)
-    experiment.sync_up_experiment_state(save_naming(0), force=True, wait=True)
     first = checkpoint(0)
     trial.register_checkpoint(first)
     experiment.sync_up_experiment_state(save_naming(0), force=True, wait=True)
